@@ -1,0 +1,7 @@
+"""`python -m hpcpipe` is the `hpcpipe` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

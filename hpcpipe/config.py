@@ -1,0 +1,251 @@
+"""Run configuration: TOML file + `--section.key=value` overrides -> frozen dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    seq_len: int = 64
+    vocab_size: int = 256
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    global_batch: int = 16
+    steps: int = 20
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    dtype: str = "float32"
+    threads: int = 1
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    pp: int = 1
+    tp: int = 1
+    dp: int = 1
+    order: str = "dp,pp,tp"
+    partition: tuple[int, ...] = ()
+    balance: str = "params"
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    name: str = "1f1b"
+    microbatches: int = 4
+    recompute: bool = False
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = ""
+    max_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DebugSection:
+    # Fault injection for tests: "RANK:STEP:ACTION" raises on that world rank at that action.
+    fail_at: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    data: DataSection = field(default_factory=DataSection)
+    debug: DebugSection = field(default_factory=DebugSection)
+
+
+SHORT_FLAGS = {
+    "pp": "parallel.pp",
+    "tp": "parallel.tp",
+    "dp": "parallel.dp",
+    "schedule": "schedule.name",
+    "microbatches": "schedule.microbatches",
+    "steps": "train.steps",
+    "dtype": "train.dtype",
+    "seed": "train.seed",
+}
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+_SECTIONS = {
+    "model": ModelSection,
+    "train": TrainSection,
+    "parallel": ParallelSection,
+    "schedule": ScheduleSection,
+    "data": DataSection,
+    "debug": DebugSection,
+}
+
+
+def all_keys() -> list[str]:
+    """Every `section.key` a user can set."""
+    return [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in fields(cls)]
+
+
+def _coerce(dotted: str, value: Any, target: Any) -> Any:
+    """Convert a TOML or command-line value to the type of the field's default."""
+    kind = type(target)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is tuple:
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            return tuple(int(v) for v in value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{dotted} = {value!r} is not a valid {kind.__name__} "
+            f"(default {target!r}); fix the value in the config file or on the command line"
+        ) from None
+
+
+def _parse_cli_value(text: str) -> Any:
+    """Read a command-line value as TOML where possible (numbers, booleans, lists)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def build_config(tables: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """Merge TOML tables and dotted overrides into a Config, rejecting unknown keys."""
+    merged: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for section, table in tables.items():
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"unknown section [{section}]; valid sections: {', '.join(_SECTIONS)}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table of keys")
+        merged[section].update(table)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in _SECTIONS or not key:
+            raise ConfigError(f"unknown option --{dotted}; options look like --section.key=value")
+        merged[section][key] = value
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        defaults = cls()
+        names = {f.name for f in fields(cls)}
+        for key in merged[section]:
+            if key not in names:
+                raise ConfigError(
+                    f"unknown key {section}.{key}; [{section}] accepts: {', '.join(sorted(names))}"
+                )
+        values = {
+            k: _coerce(f"{section}.{k}", v, getattr(defaults, k))
+            for k, v in merged[section].items()
+        }
+        sections[section] = dataclasses.replace(defaults, **values)
+    config = Config(**sections)
+    check_config(config)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> Config:
+    """Read a TOML file (or defaults when None) and apply command-line overrides."""
+    tables: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tables = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    parsed = {
+        k: _parse_cli_value(v) if isinstance(v, str) else v for k, v in (overrides or {}).items()
+    }
+    return build_config(tables, parsed)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_config(config: Config) -> None:
+    """Checks that need no MPI and no world size: same verdict on every rank."""
+    m, t, p, s = config.model, config.train, config.parallel, config.schedule
+    for name in ("n_layers", "d_model", "n_heads", "seq_len", "vocab_size"):
+        _require(getattr(m, name) >= 1, f"model.{name} must be >= 1 (got {getattr(m, name)})")
+    _require(
+        m.d_model % m.n_heads == 0,
+        f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+        "choose n_heads dividing d_model",
+    )
+    for name in ("pp", "tp", "dp"):
+        _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(p, name)})")
+    axes = [a.strip() for a in p.order.split(",")]
+    _require(
+        sorted(axes) == ["dp", "pp", "tp"],
+        f"parallel.order={p.order!r} must name dp, pp and tp once each, e.g. 'dp,pp,tp'",
+    )
+    _require(t.dtype in DTYPES, f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
+    _require(t.steps >= 0, f"train.steps must be >= 0 (got {t.steps})")
+    _require(t.global_batch >= 1, f"train.global_batch must be >= 1 (got {t.global_batch})")
+    _require(s.microbatches >= 1, f"schedule.microbatches must be >= 1 (got {s.microbatches})")
+    per_replica, rest = divmod(t.global_batch, p.dp)
+    _require(
+        rest == 0,
+        f"train.global_batch={t.global_batch} is not divisible by parallel.dp={p.dp}",
+    )
+    if per_replica % s.microbatches:
+        valid = [d for d in range(1, per_replica + 1) if per_replica % d == 0]
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} / dp={p.dp} = {per_replica} sequences cannot be "
+            f"cut into schedule.microbatches={s.microbatches} equal micro-batches; "
+            f"valid microbatches: {valid}"
+        )
+    _require(t.threads >= 1, f"train.threads must be >= 1 (got {t.threads})")
+    _require(p.timeout > 0, f"parallel.timeout must be > 0 seconds (got {p.timeout})")
+
+
+def check_world(config: Config, world_size: int) -> None:
+    """The degrees must multiply to the number of MPI processes."""
+    p = config.parallel
+    product = p.dp * p.pp * p.tp
+    if product != world_size:
+        raise ConfigError(
+            f"parallel degrees dp={p.dp} x pp={p.pp} x tp={p.tp} = {product} but the job has "
+            f"{world_size} MPI processes; launch with mpiexec -n {product} or change the degrees"
+        )
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (for manifests and metrics headers)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,258 @@
+"""Point-to-point tensor transfer between pipeline stages over MPI, and tensor reductions.
+
+Buffers go to MPI as raw memory with an explicit datatype (never inferred), always contiguous and
+detached: see ../shared/FIELD-NOTES.md for the silent-corruption traps this avoids.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from mpi4py import MPI
+
+
+class P2PTimeout(RuntimeError):
+    """A peer did not deliver within the deadline."""
+
+
+# 16-bit floats travel as 16-bit integers: MPI has no portable type for them, and point-to-point
+# only has to move bytes. Reductions of these types go through float32 (see allreduce_).
+_MPI_TYPES = {
+    torch.float64: MPI.DOUBLE,
+    torch.float32: MPI.FLOAT,
+    torch.float16: MPI.INT16_T,
+    torch.bfloat16: MPI.INT16_T,
+    torch.int64: MPI.INT64_T,
+    torch.int32: MPI.INT32_T,
+    torch.int16: MPI.INT16_T,
+    torch.uint8: MPI.UINT8_T,
+    torch.int8: MPI.INT8_T,
+    torch.bool: MPI.C_BOOL,
+}
+_BIT_VIEWS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def mpi_datatype(dtype: torch.dtype):
+    """The MPI datatype that moves one element of `dtype`."""
+    try:
+        return _MPI_TYPES[dtype]
+    except KeyError:
+        raise TypeError(f"no MPI datatype for {dtype}; supported: {list(_MPI_TYPES)}") from None
+
+
+def _message(tensor: torch.Tensor) -> list:
+    """[buffer, datatype] for a contiguous, detached tensor (CPU via numpy, device via DLPack)."""
+    t = tensor.detach()
+    if not t.is_contiguous():
+        # NOTE: a transposed tensor would be sent silently in memory order; refuse instead.
+        raise ValueError("MPI buffers must be contiguous; call .contiguous() first")
+    datatype = mpi_datatype(t.dtype)
+    t = t.view(_BIT_VIEWS.get(t.dtype, t.dtype))
+    return [t.numpy() if t.device.type == "cpu" else t, datatype]
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether the loaded MPI library can take device pointers (HPCPIPE_CUDA_AWARE overrides)."""
+    forced = os.environ.get("HPCPIPE_CUDA_AWARE")
+    if forced is not None:
+        return forced.lower() in ("1", "true", "yes")
+    # mpi4py has no query for this; Open MPI and MPICH both export MPIX_Query_cuda_support.
+    try:
+        query = ctypes.CDLL(None).MPIX_Query_cuda_support
+    except AttributeError:
+        return False
+    return bool(query())
+
+
+def make_tag(microbatch: int, stage: int, direction: int, num_stages: int, tag_ub: int) -> int:
+    """Tag for the message of (microbatch, destination stage, direction 0=fwd 1=bwd).
+
+    Wrapping at the tag bound is safe: MPI keeps messages with the same (source, tag, comm) in
+    order, and both sides post each stream's messages in micro-batch order.
+    """
+    return ((microbatch * num_stages + stage) * 2 + direction) % (tag_ub + 1)
+
+
+def wait_politely(request, deadline: float, describe) -> float:
+    """Wait for an MPI request without spinning a core; return the seconds spent waiting.
+
+    Both pip MPIs busy-poll inside blocking waits, which starves working ranks when ranks
+    outnumber cores. Test + a sleep that grows to 1 ms costs ~1% CPU and at most ~1 ms latency.
+    """
+    start = time.perf_counter()
+    for _ in range(20):
+        if request.Test():
+            return time.perf_counter() - start
+    delay = 2e-5
+    while not request.Test():
+        if time.monotonic() > deadline:
+            raise P2PTimeout(describe())
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)
+    return time.perf_counter() - start
+
+
+class BufferPool:
+    """Receive buffers reused across steps, keyed by (shape, dtype, device)."""
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self.allocated = 0
+
+    def get(self, shape, dtype, device) -> torch.Tensor:
+        """A buffer of this shape, recycled when one is free."""
+        key = (tuple(shape), dtype, str(device))
+        free = self._free.get(key)
+        if free:
+            return free.pop()
+        self.allocated += 1
+        pin = torch.device(device).type == "cpu" and torch.cuda.is_available()
+        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+
+    def put(self, tensor: torch.Tensor) -> None:
+        """Return a buffer for reuse."""
+        key = (tuple(tensor.shape), tensor.dtype, str(tensor.device))
+        self._free.setdefault(key, []).append(tensor)
+
+
+@dataclass
+class Transfer:
+    """One posted receive: where the data lands and what to tell the user if it never comes."""
+
+    request: object
+    buffer: torch.Tensor
+    device_tensor: torch.Tensor | None
+    peer: int
+    tag: int
+    what: str
+    received: bool = False
+
+
+@dataclass
+class P2P:
+    """Non-blocking sends/receives of tensors on one communicator (the pipeline axis)."""
+
+    comm: object
+    timeout: float = 300.0
+    cuda_aware: bool = field(default_factory=cuda_aware_mpi)
+    pool: BufferPool = field(default_factory=BufferPool)
+    wait_seconds: float = 0.0
+    _sends: list = field(default_factory=list)
+
+    def __post_init__(self):
+        # NOTE: TAG_UB is only guaranteed on COMM_WORLD, not on derived communicators.
+        self.tag_ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+        self.rank = self.comm.Get_rank()
+
+    def _direct(self, tensor: torch.Tensor) -> bool:
+        return tensor.device.type == "cpu" or self.cuda_aware
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        """Start sending; the tensor is kept alive until the send completes."""
+        tensor = tensor.detach().contiguous()
+        staged = False
+        if tensor.device.type != "cpu":
+            if self.cuda_aware:
+                torch.cuda.current_stream(tensor.device).synchronize()
+            else:
+                host = self.pool.get(tensor.shape, tensor.dtype, "cpu")
+                host.copy_(tensor)
+                tensor, staged = host, True
+        request = self.comm.Isend(_message(tensor), dest=peer, tag=tag)
+        self._sends.append((request, tensor, staged))
+        self._reap_sends()
+
+    def irecv(self, shape, dtype, device, peer: int, tag: int, what: str) -> Transfer:
+        """Post a receive into a pooled buffer; `wait` hands back the tensor."""
+        on_host = torch.device(device).type == "cpu" or not self.cuda_aware
+        buffer = self.pool.get(shape, dtype, "cpu" if on_host else device)
+        if not on_host:
+            torch.cuda.current_stream(buffer.device).synchronize()
+        request = self.comm.Irecv(_message(buffer), source=peer, tag=tag)
+        device_tensor = None if torch.device(device).type == "cpu" or not on_host else device
+        return Transfer(request, buffer, device_tensor, peer, tag, what)
+
+    def wait(self, transfer: Transfer) -> torch.Tensor:
+        """Block (politely) until the transfer's data is here; return it on the target device."""
+        if not transfer.received:
+            deadline = time.monotonic() + self.timeout
+            self.wait_seconds += wait_politely(
+                transfer.request,
+                deadline,
+                lambda: (
+                    f"pipeline rank {self.rank}: no data for {transfer.what} from pipeline rank "
+                    f"{transfer.peer} (tag {transfer.tag}) within {self.timeout:.0f} s; the peer "
+                    "is stuck or dead (raise parallel.timeout if its stage is that slow)"
+                ),
+            )
+            transfer.received = True
+        if transfer.device_tensor is None:
+            return transfer.buffer
+        staged, transfer.buffer = transfer.buffer, transfer.buffer.to(transfer.device_tensor)
+        self.pool.put(staged)
+        return transfer.buffer
+
+    def release(self, transfer: Transfer) -> None:
+        """Give a received buffer back to the pool once nothing reads it any more."""
+        if transfer.device_tensor is None or self.cuda_aware:
+            self.pool.put(transfer.buffer)
+
+    def _reap_sends(self) -> None:
+        """Drop completed sends (and give staged host buffers back)."""
+        pending = []
+        for request, tensor, staged in self._sends:
+            if not request.Test():
+                pending.append((request, tensor, staged))
+            elif staged:
+                self.pool.put(tensor)
+        self._sends = pending
+
+    def flush(self) -> None:
+        """Wait for every outstanding send (end of a step)."""
+        deadline = time.monotonic() + self.timeout
+        for request, tensor, staged in self._sends:
+            self.wait_seconds += wait_politely(
+                request,
+                deadline,
+                lambda: (
+                    f"pipeline rank {self.rank}: a send was not received within "
+                    f"{self.timeout:.0f} s; a peer is stuck or dead"
+                ),
+            )
+            if staged:
+                self.pool.put(tensor)
+        self._sends.clear()
+
+
+def allreduce_(comm, tensor: torch.Tensor, op=None, timeout: float = 300.0) -> float:
+    """In-place sum (or op) over `comm`; return the seconds spent waiting.
+
+    16-bit floats are reduced in float32: the pip Open MPI returns garbage for bf16 sums without
+    an error (FIELD-NOTES.md). The non-blocking form lets a rank that arrives early sleep
+    instead of spinning a core that a working rank needs.
+    """
+    op = op or MPI.SUM
+    if comm.Get_size() == 1:
+        return 0.0
+    if tensor.dtype in _BIT_VIEWS:
+        wide = tensor.float()
+        waited = allreduce_(comm, wide, op, timeout)
+        tensor.copy_(wide)
+        return waited
+    work = tensor if tensor.device.type == "cpu" and tensor.is_contiguous() else tensor.cpu()
+    request = comm.Iallreduce(MPI.IN_PLACE, _message(work), op=op)
+    waited = wait_politely(
+        request,
+        time.monotonic() + timeout,
+        lambda: (
+            f"a reduction over {comm.Get_size()} ranks did not finish within {timeout:.0f} s; "
+            "a rank is stuck or dead"
+        ),
+    )
+    if work is not tensor:
+        tensor.copy_(work)
+    return waited

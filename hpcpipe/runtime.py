@@ -1,0 +1,237 @@
+"""The one interpreter that executes a rank's pipeline actions (any schedule) for one step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .p2p import P2P, Transfer, make_tag
+from .schedule import Action, Kind
+
+FORWARD, BACKWARD = 0, 1
+
+
+class ActionError(RuntimeError):
+    """An action failed; the message names the rank, step, action and this rank's program."""
+
+
+@dataclass
+class StepResult:
+    """What one rank measured in one step."""
+
+    loss: float  # sum over micro-batches of loss/M (only the last stage has a non-zero value)
+    busy_seconds: float  # time inside forward/backward compute
+    wait_seconds: float  # time blocked on peers
+    peak_activations: int  # most micro-batches whose activations were held at once
+
+
+@dataclass
+class _MicroState:
+    """What one (stage, micro-batch) keeps between its forward and its backward."""
+
+    inputs: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    input_grad: torch.Tensor | None = None
+    recv_input: Transfer | None = None  # posted by RECV_F
+    recv_grad: Transfer | None = None  # posted by RECV_B
+
+
+@dataclass
+class PipelineRuntime:
+    """Executes `actions` over the local stage modules, talking to peers through `p2p`.
+
+    stages maps GLOBAL stage index -> module for the chunks this rank holds; num_stages is the
+    total over all ranks (K * V); stage s lives on pipeline rank s % K.
+    """
+
+    stages: dict[int, nn.Module]
+    actions: Sequence[Action]
+    num_stages: int
+    pp_size: int
+    p2p: P2P | None
+    activation_shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    recompute: bool = False
+    fail_at: str | None = None  # "STEP:ACTION" to raise there (fault-injection tests)
+    step_index: int = 0
+
+    def rank_of(self, stage: int) -> int:
+        """Pipeline rank that holds a global stage."""
+        return stage % self.pp_size
+
+    def step(self, microbatches: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]):
+        """Run every action once for these (inputs, targets) micro-batches; gradients accumulate."""
+        self._micro = microbatches
+        self._state: dict[tuple[int, int], _MicroState] = {}
+        self._held = self._peak = 0
+        self._busy = 0.0
+        self._m = len(microbatches)
+        self._loss = torch.zeros((), dtype=torch.float64)
+        waited_before = self.p2p.wait_seconds if self.p2p else 0.0
+        for index, action in enumerate(self.actions):
+            try:
+                self._inject(action)
+                self._run(action)
+            except Exception as exc:
+                raise ActionError(self._describe_failure(index, action, exc)) from exc
+        if self.p2p:
+            self.p2p.flush()
+        waited = (self.p2p.wait_seconds if self.p2p else 0.0) - waited_before
+        self.step_index += 1
+        return StepResult(float(self._loss), self._busy, waited, self._peak)
+
+    # --- one action ---------------------------------------------------------------------------
+
+    def _run(self, action: Action) -> None:
+        handler = {
+            Kind.F: self._forward,
+            Kind.B: self._backward,
+            Kind.SEND_F: self._send_forward,
+            Kind.RECV_F: self._recv_forward,
+            Kind.SEND_B: self._send_backward,
+            Kind.RECV_B: self._recv_backward,
+        }.get(action.kind)
+        if handler is None:
+            raise NotImplementedError(f"action kind {action.kind.value} is not executable yet")
+        handler(action.stage, action.microbatch)
+
+    def _st(self, stage: int, mb: int) -> _MicroState:
+        return self._state.setdefault((stage, mb), _MicroState())
+
+    def _is_last(self, stage: int) -> bool:
+        return stage == self.num_stages - 1
+
+    def _forward_input(self, stage: int, mb: int) -> torch.Tensor:
+        """Tokens on the first stage; otherwise the previous stage's output as a leaf."""
+        if stage == 0:
+            return self._micro[mb][0].to(self.device)
+        if self.rank_of(stage - 1) == self.rank_of(stage):
+            upstream = self._state[(stage - 1, mb)].outputs
+        else:
+            transfer = self._st(stage, mb).recv_input
+            if transfer is None:
+                raise RuntimeError(f"no receive was posted for the input of {stage}F{mb}")
+            upstream = self.p2p.wait(transfer)
+        return upstream.detach().requires_grad_()
+
+    def _stage_forward(self, stage: int, mb: int, inputs: torch.Tensor) -> torch.Tensor:
+        """Module forward, plus the scaled loss on the last stage."""
+        out = self.stages[stage](inputs)
+        if self._is_last(stage):
+            target = self._micro[mb][1].to(self.device)
+            return self.loss_fn(out, target) / self._m
+        return out
+
+    def _forward(self, stage: int, mb: int) -> None:
+        start = time.perf_counter()
+        st = self._st(stage, mb)
+        st.inputs = self._forward_input(stage, mb)
+        # NOTE: the model has no dropout, so recomputation needs no saved RNG state.
+        with torch.set_grad_enabled(not self.recompute):
+            out = self._stage_forward(stage, mb, st.inputs)
+        if self._is_last(stage):
+            st.loss = out
+            self._loss += out.detach().double().cpu()
+        else:
+            st.outputs = out
+        self._held += 1
+        self._peak = max(self._peak, self._held)
+        self._busy += time.perf_counter() - start
+
+    def _output_grad(self, stage: int, mb: int) -> torch.Tensor | None:
+        """Gradient of this stage's output: from the next stage, local or remote."""
+        if self._is_last(stage):
+            return None
+        if self.rank_of(stage + 1) == self.rank_of(stage):
+            return self._state[(stage + 1, mb)].input_grad
+        transfer = self._st(stage, mb).recv_grad
+        if transfer is None:
+            raise RuntimeError(f"no receive was posted for the output gradient of {stage}B{mb}")
+        return self.p2p.wait(transfer)
+
+    def _backward(self, stage: int, mb: int) -> None:
+        st = self._state.get((stage, mb))
+        if st is None or st.inputs is None:
+            raise RuntimeError(f"{stage}B{mb} runs before {stage}F{mb}")
+        grad = self._output_grad(stage, mb)
+        start = time.perf_counter()
+        if self.recompute:
+            with torch.enable_grad():
+                out = self._stage_forward(stage, mb, st.inputs)
+        else:
+            out = st.loss if self._is_last(stage) else st.outputs
+        torch.autograd.backward(out, grad)
+        self._busy += time.perf_counter() - start
+        st.input_grad = st.inputs.grad if stage > 0 else None
+        self._release(stage, mb, st)
+
+    def _release(self, stage: int, mb: int, st: _MicroState) -> None:
+        """Drop what backward needed; the next stage's grad and our input buffer are free."""
+        for transfer in (st.recv_input, st.recv_grad):
+            if transfer is not None:
+                self.p2p.release(transfer)
+        st.recv_input = st.recv_grad = None
+        st.inputs = st.outputs = st.loss = None
+        if self.rank_of(stage + 1) == self.rank_of(stage) and (stage + 1, mb) in self._state:
+            self._state[(stage + 1, mb)].input_grad = None
+        self._held -= 1
+
+    # --- communication ------------------------------------------------------------------------
+
+    def _tag(self, mb: int, dest_stage: int, direction: int) -> int:
+        return make_tag(mb, dest_stage, direction, self.num_stages, self.p2p.tag_ub)
+
+    def _send_forward(self, stage: int, mb: int) -> None:
+        st = self._st(stage, mb)
+        dest = stage + 1
+        self.p2p.isend(st.outputs, self.rank_of(dest), self._tag(mb, dest, FORWARD))
+        if self.recompute:
+            st.outputs = None  # backward recomputes it
+
+    def _send_backward(self, stage: int, mb: int) -> None:
+        st = self._st(stage, mb)
+        dest = stage - 1
+        self.p2p.isend(st.input_grad, self.rank_of(dest), self._tag(mb, dest, BACKWARD))
+        st.input_grad = None
+
+    def _post_recv(self, stage: int, mb: int, peer_stage: int, direction: int, what: str):
+        return self.p2p.irecv(
+            self.activation_shape,
+            self.dtype,
+            self.device,
+            self.rank_of(peer_stage),
+            self._tag(mb, stage, direction),
+            what,
+        )
+
+    def _recv_forward(self, stage: int, mb: int) -> None:
+        self._st(stage, mb).recv_input = self._post_recv(
+            stage, mb, stage - 1, FORWARD, f"the input activation of {stage}F{mb}"
+        )
+
+    def _recv_backward(self, stage: int, mb: int) -> None:
+        self._st(stage, mb).recv_grad = self._post_recv(
+            stage, mb, stage + 1, BACKWARD, f"the output gradient of {stage}B{mb}"
+        )
+
+    # --- failures -----------------------------------------------------------------------------
+
+    def _inject(self, action: Action) -> None:
+        if self.fail_at and self.fail_at == f"{self.step_index}:{action}":
+            raise RuntimeError(f"injected failure (debug.fail_at) at step {self.step_index}")
+
+    def _describe_failure(self, index: int, action: Action, exc: Exception) -> str:
+        program = " ".join(f"[{a}]" if i == index else str(a) for i, a in enumerate(self.actions))
+        pp_rank = self.rank_of(action.stage)
+        return (
+            f"pipeline rank {pp_rank} failed at step {self.step_index}, action {action} "
+            f"(#{index} of {len(self.actions)}): {type(exc).__name__}: {exc}\n"
+            f"  this rank's actions: {program}"
+        )

