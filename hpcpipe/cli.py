@@ -109,7 +109,7 @@ def run_train(args) -> int:
     try:
         train(config, comm, metrics_path=args.metrics)
     except BaseException as exc:  # noqa: BLE001 - any failure must bring the whole job down
-        _report(f"hpcpipe: rank {rank} failed: {exc}\n{traceback.format_exc()}")
+        _report(f"hpcpipe: world rank {rank} failed: {exc}\n{traceback.format_exc()}")
         comm.Abort(1)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -233,6 +234,10 @@ def check_config(config: Config) -> None:
         )
     _require(t.threads >= 1, f"train.threads must be >= 1 (got {t.threads})")
     _require(p.timeout > 0, f"parallel.timeout must be > 0 seconds (got {p.timeout})")
+    _require(
+        not config.debug.fail_at or re.fullmatch(r"\d+:\d+:\d+[A-Z_]+\d+", config.debug.fail_at),
+        f"debug.fail_at={config.debug.fail_at!r} must be WORLD_RANK:STEP:ACTION, e.g. 1:0:1F2",
+    )
 
 
 def check_world(config: Config, world_size: int) -> None:

@@ -1,0 +1,101 @@
+"""The `hpcpipe` command under mpiexec: training end to end, failures that end the job."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from mpirun import run_mpi
+
+from hpcpipe.config import all_keys
+
+TINY = [
+    "--model.n_layers=2",
+    "--model.d_model=32",
+    "--model.n_heads=2",
+    "--model.seq_len=16",
+    "--train.global_batch=8",
+]
+
+
+def test_train_on_prepared_text_writes_metrics(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 400)
+    tokens = tmp_path / "tokens.h5"
+    prep = subprocess.run(
+        [sys.executable, "-m", "hpcpipe", "data", "prepare", "--out", str(tokens), str(text)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert prep.returncode == 0, prep.stderr
+    config = tmp_path / "run.toml"
+    config.write_text('[schedule]\nname = "gpipe"\nmicrobatches = 4\n[train]\nsteps = 3\n')
+    metrics = tmp_path / "metrics.jsonl"
+    args = ["-m", "hpcpipe", "train", "--config", str(config), "--pp", "2", *TINY]
+    args += [f"--data.path={tokens}", "--metrics", str(metrics)]
+    proc = run_mpi(2, args, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "schedule gpipe, M=4" in proc.stdout
+    assert proc.stdout.count("step ") == 3  # progress from rank 0 only
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert {"step", "loss", "tokens_per_s", "bubble"} <= r.keys()
+        assert 0.0 <= r["bubble"] < 1.0 and r["tokens_per_s"] > 0
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_a_failing_rank_ends_the_whole_job_quickly():
+    start = time.monotonic()
+    args = ["-m", "hpcpipe", "train", "--pp", "4", "--steps", "50", *TINY]
+    proc = run_mpi(4, [*args, "--debug.fail_at=2:1:2F1"], timeout=120)
+    elapsed = time.monotonic() - start
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "world rank 2 failed" in output
+    assert "action 2F1" in output and "injected failure" in output
+    assert elapsed < 30, f"job took {elapsed:.1f} s to end"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--pp", "3"], "dp=1 x pp=3 x tp=1 = 3 but the job has 2 MPI processes"),
+        (["--pp", "2", "--microbatches", "3"], "valid microbatches: [1, 2, 4, 8]"),
+    ],
+)
+def test_bad_configuration_is_reported_on_every_rank(flags, message):
+    proc = run_mpi(2, ["-m", "hpcpipe", "train", *TINY, *flags], timeout=120)
+    assert proc.returncode != 0
+    for rank in range(2):
+        assert f"configuration error (rank {rank})" in proc.stderr
+    assert proc.stderr.count(message) == 2
+
+
+def test_help_documents_every_option():
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcpipe", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    for key in all_keys():
+        assert f"--{key}" in proc.stdout
+    for flag in ("--pp", "--tp", "--dp", "--schedule", "--microbatches", "--steps", "--dtype"):
+        assert flag in proc.stdout
+    assert "--metrics" in proc.stdout and "--config" in proc.stdout
+
+
+def test_schedule_command_prints_the_grid():
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcpipe", "schedule", "--schedule", "1f1b", "--stages", "2",
+         "--microbatches", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].startswith("rank 0 | 0F0 0F1")
