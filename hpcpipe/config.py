@@ -37,6 +37,7 @@ class TrainSection:
     seed: int = 1234
     dtype: str = "float32"
     threads: int = 1
+    device: str = "cpu"  # cpu | cuda | auto (cuda when available); one GPU per rank on a node
     log_every: int = 1
 
 
@@ -232,6 +233,10 @@ def check_config(config: Config) -> None:
             f"cut into schedule.microbatches={s.microbatches} equal micro-batches; "
             f"valid microbatches: {valid}"
         )
+    _require(
+        t.device in ("cpu", "cuda", "auto"),
+        f"train.device={t.device!r} must be cpu, cuda or auto",
+    )
     _require(t.threads >= 1, f"train.threads must be >= 1 (got {t.threads})")
     _require(p.timeout > 0, f"parallel.timeout must be > 0 seconds (got {p.timeout})")
     _require(

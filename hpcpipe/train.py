@@ -189,6 +189,21 @@ class PipelineTrainer:
         return record
 
 
+def pick_device(config: Config, comm) -> str:
+    """cpu, or cuda:<node-local rank> so each rank on a node drives its own GPU."""
+    wanted = config.train.device
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but torch sees no CUDA device on this node")
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank = node.Get_rank()
+    node.Free()
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
 def describe_run(config: Config, plan: Plan, world_size: int) -> str:
     """The banner rank 0 prints before training."""
     p, s = config.parallel, config.schedule
@@ -211,7 +226,7 @@ def train(config: Config, comm, metrics_path: str | None = None, echo=print) -> 
             config.parallel.dp, config.parallel.pp, config.parallel.tp, config.parallel.order
         ),
     )
-    trainer = PipelineTrainer(config, grid, plan)
+    trainer = PipelineTrainer(config, grid, plan, device=pick_device(config, comm))
     leader = grid.world_rank == 0
     if leader:
         echo(describe_run(config, plan, comm.Get_size()))
