@@ -57,6 +57,7 @@ class ScheduleSection:
     name: str = "1f1b"
     microbatches: int = 4
     recompute: bool = False
+    virtual: int = 1  # V: model chunks per pipeline rank (interleaved schedules)
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,7 @@ def check_config(config: Config) -> None:
     _require(t.steps >= 0, f"train.steps must be >= 0 (got {t.steps})")
     _require(t.global_batch >= 1, f"train.global_batch must be >= 1 (got {t.global_batch})")
     _require(s.microbatches >= 1, f"schedule.microbatches must be >= 1 (got {s.microbatches})")
+    _require(s.virtual >= 1, f"schedule.virtual must be >= 1 (got {s.virtual})")
     per_replica, rest = divmod(t.global_batch, p.dp)
     _require(
         rest == 0,

@@ -11,6 +11,7 @@ from torch import nn
 
 from .p2p import P2P, Transfer, make_tag
 from .schedule import Action, Kind
+from .zero_bubble import WeightGradStore
 
 FORWARD, BACKWARD = 0, 1
 
@@ -39,6 +40,7 @@ class _MicroState:
     input_grad: torch.Tensor | None = None
     recv_input: Transfer | None = None  # posted by RECV_F
     recv_grad: Transfer | None = None  # posted by RECV_B
+    weight_work: list | None = None  # deferred weight gradients (split backward), run by W
 
 
 @dataclass
@@ -60,6 +62,7 @@ class PipelineRuntime:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     recompute: bool = False
     fail_at: str | None = None  # "STEP:ACTION" to raise there (fault-injection tests)
+    weight_store: WeightGradStore | None = None  # set: B computes input grads, W weight grads
     step_index: int = 0
 
     def rank_of(self, stage: int) -> int:
@@ -93,6 +96,7 @@ class PipelineRuntime:
         handler = {
             Kind.F: self._forward,
             Kind.B: self._backward,
+            Kind.W: self._weight_backward,
             Kind.SEND_F: self._send_forward,
             Kind.RECV_F: self._recv_forward,
             Kind.SEND_B: self._send_backward,
@@ -167,20 +171,45 @@ class PipelineRuntime:
                 out = self._stage_forward(stage, mb, st.inputs)
         else:
             out = st.loss if self._is_last(stage) else st.outputs
-        torch.autograd.backward(out, grad)
+        split = self.weight_store is not None
+        if split:
+            self.weight_store.begin()
+        try:
+            torch.autograd.backward(out, grad)
+        finally:
+            if split:
+                st.weight_work = self.weight_store.end()
         self._busy += time.perf_counter() - start
         st.input_grad = st.inputs.grad if stage > 0 else None
-        self._release(stage, mb, st)
+        st.outputs = st.loss = None
+        self._drop_next_input_grad(stage, mb)
+        if not split:
+            self._release(st)
 
-    def _release(self, stage: int, mb: int, st: _MicroState) -> None:
-        """Drop what backward needed; the next stage's grad and our input buffer are free."""
+    def _weight_backward(self, stage: int, mb: int) -> None:
+        """W: the weight gradients that B deferred, then free the micro-batch."""
+        st = self._state.get((stage, mb))
+        if st is None or st.weight_work is None:
+            raise RuntimeError(f"{stage}W{mb} runs before {stage}B{mb} (or without split backward)")
+        start = time.perf_counter()
+        for work in st.weight_work:
+            work()
+        self._busy += time.perf_counter() - start
+        st.weight_work = None
+        self._release(st)
+
+    def _drop_next_input_grad(self, stage: int, mb: int) -> None:
+        """The local next stage's input gradient has been consumed."""
+        if self.rank_of(stage + 1) == self.rank_of(stage) and (stage + 1, mb) in self._state:
+            self._state[(stage + 1, mb)].input_grad = None
+
+    def _release(self, st: _MicroState) -> None:
+        """The micro-batch is done here: its received buffers go back to the pool."""
         for transfer in (st.recv_input, st.recv_grad):
             if transfer is not None:
                 self.p2p.release(transfer)
         st.recv_input = st.recv_grad = None
-        st.inputs = st.outputs = st.loss = None
-        if self.rank_of(stage + 1) == self.rank_of(stage) and (stage + 1, mb) in self._state:
-            self._state[(stage + 1, mb)].input_grad = None
+        st.inputs = None
         self._held -= 1
 
     # --- communication ------------------------------------------------------------------------

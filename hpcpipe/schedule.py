@@ -33,6 +33,9 @@ class Kind(str, enum.Enum):  # noqa: UP042
     SEND_B = "SEND_B"
     RECV_B = "RECV_B"
 
+    # NOTE: Enum's own __hash__ is Python code; validation hashes actions millions of times.
+    __hash__ = str.__hash__
+
 
 COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.W})
 # fullmatch plus the digit groups make alternative order irrelevant (F vs SEND_F).
@@ -116,10 +119,92 @@ def compute_1f1b(K: int, M: int, V: int = 1) -> Schedule:
     return schedule
 
 
+def interleaved_round(K: int, M: int) -> int:
+    """Micro-batches per round of the interleaved schedule (Megatron's group of K, relaxed).
+
+    Megatron needs M % K == 0. Like torch's flexible variant, hpcpipe runs max(1, M // K)
+    rounds of equal size, so it accepts every M that those rounds divide (all M <= K included).
+    """
+    rounds = max(1, M // K)
+    if M % rounds:
+        valid = [m for m in range(max(1, M - K), M + K + 1) if m % max(1, m // K) == 0]
+        below = max(m for m in valid if m < M)
+        above = min(m for m in valid if m > M)
+        raise ScheduleError(
+            f"interleaved schedule with K={K} ranks cannot split M={M} micro-batches into "
+            f"{rounds} equal rounds of about K; use M={below} or M={above} (any M <= K or a "
+            f"multiple of M // K works)"
+        )
+    return M // rounds
+
+
+def _interleaved_slot(k: int, R: int, V: int, backward: bool) -> tuple[int, int]:
+    """(chunk, microbatch) of the k-th forward (or backward) of one rank."""
+    chunk = (k // R) % V
+    microbatch = (k // (R * V)) * R + k % R
+    return (V - 1 - chunk if backward else chunk), microbatch
+
+
+def compute_interleaved(K: int, M: int, V: int = 2) -> Schedule:
+    """Interleaved 1F1B (Megatron placement: rank r holds stages r, r+K, ...; depth first)."""
+    _check_sizes(K, M, V)
+    R = interleaved_round(K, M)
+    total = M * V
+    schedule: Schedule = {}
+    for rank in range(K):
+        # Warm-up fills the later chunks' pipeline: (V-1) rounds, plus 2 per downstream rank.
+        warmup = min((V - 1) * R + 2 * (K - 1 - rank), total)
+
+        def fwd(k: int, rank: int = rank) -> Action:
+            chunk, m = _interleaved_slot(k, R, V, backward=False)
+            return Action(chunk * K + rank, Kind.F, m)
+
+        def bwd(k: int, rank: int = rank) -> Action:
+            chunk, m = _interleaved_slot(k, R, V, backward=True)
+            return Action(chunk * K + rank, Kind.B, m)
+
+        actions = [fwd(k) for k in range(warmup)]
+        for k in range(warmup, total):
+            actions += [fwd(k), bwd(k - warmup)]
+        actions += [bwd(k) for k in range(total - warmup, total)]
+        schedule[rank] = actions
+    return schedule
+
+
+def compute_zb_h1(K: int, M: int, V: int = 1) -> Schedule:
+    """ZB-H1 (Qi et al., 2023): backward split into B (input grad) and W (weight grad).
+
+    Rank r runs K - r warm-up forwards, then B_m, W_{m-r}, F_{m+K-r} per micro-batch: deferring
+    r weight-gradient passes lets the B chain run ahead, and the W's fill the cool-down. With
+    T_F = T_B = T_W and M >= K the idle time is (K-1)(T_F+T_B-T_W), a third of 1F1B's, and no
+    rank holds more micro-batches than 1F1B's first rank (K).
+    """
+    _check_sizes(K, M, V)
+    if V != 1:
+        raise ScheduleError(f"zb-h1 supports only V=1 (one chunk per rank), got V={V}")
+    schedule: Schedule = {}
+    for rank in range(K):
+        warmup, defer = min(K - rank, M), rank
+        actions = [Action(rank, Kind.F, m) for m in range(warmup)]
+        for m in range(M):
+            actions.append(Action(rank, Kind.B, m))
+            if m >= defer:
+                actions.append(Action(rank, Kind.W, m - defer))
+            if m + warmup < M:
+                actions.append(Action(rank, Kind.F, m + warmup))
+        actions += [Action(rank, Kind.W, m) for m in range(max(0, M - defer), M)]
+        schedule[rank] = actions
+    return schedule
+
+
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gpipe": compute_gpipe,
     "1f1b": compute_1f1b,
+    "interleaved": compute_interleaved,
+    "zb-h1": compute_zb_h1,
 }
+# Schedules whose backward is split into B (input gradient) and W (weight gradient).
+SPLIT_BACKWARD = frozenset({"zb-h1"})
 
 
 # ---------------------------------------------------------------- lowering
@@ -430,12 +515,17 @@ def _counterpart(a: Action) -> Action:
 
 
 def _peak_activations(schedule: Schedule, K: int) -> dict[int, int]:
-    """Max over time of live forward activations (#F - #B) on each rank."""
+    """Max over time of micro-batches held on each rank: from F until W (or B if no W)."""
     peaks = {}
     for rank in range(K):
+        actions = schedule.get(rank, [])
+        has_w = {(a.stage, a.microbatch) for a in actions if a.kind == Kind.W}
         live = peak = 0
-        for a in schedule.get(rank, []):
-            live += {Kind.F: 1, Kind.B: -1}.get(a.kind, 0)
+        for a in actions:
+            if a.kind == Kind.F:
+                live += 1
+            elif a.kind == Kind.W or (a.kind == Kind.B and (a.stage, a.microbatch) not in has_w):
+                live -= 1
             peak = max(peak, live)
         peaks[rank] = peak
     return peaks

@@ -16,7 +16,8 @@ from .model import GPTConfig, Stage, loss_fn
 from .p2p import P2P, allreduce_
 from .partition import Partition, PartitionError, plan
 from .runtime import PipelineRuntime, StepResult
-from .schedule import Schedule, ScheduleError, build_schedule
+from .schedule import SPLIT_BACKWARD, Schedule, ScheduleError, build_schedule
+from .zero_bubble import WeightGradStore, enable_split_backward
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -63,11 +64,13 @@ def make_plan(config: Config, world_size: int) -> Plan:
         model.check()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    num_stages = p.pp * s.virtual
     try:
-        partition = plan(model, p.pp, counts=p.partition or None, cost=p.balance)
-        schedule = build_schedule(s.name, p.pp, s.microbatches)
+        schedule = build_schedule(s.name, p.pp, s.microbatches, s.virtual)
+        partition = plan(model, num_stages, counts=p.partition or None, cost=p.balance)
     except (PartitionError, ScheduleError) as exc:
-        raise ConfigError(str(exc)) from None
+        detail = f" (pp={p.pp} x schedule.virtual={s.virtual} stages)" if s.virtual > 1 else ""
+        raise ConfigError(f"{exc}{detail}") from None
     if config.data.path and not Path(config.data.path).is_file():
         raise ConfigError(
             f"data.path={config.data.path} does not exist; create it with "
@@ -75,7 +78,7 @@ def make_plan(config: Config, world_size: int) -> Plan:
             "for the built-in corpus"
         )
     per_replica = config.train.global_batch // p.dp
-    return Plan(model, partition, schedule, p.pp, per_replica // s.microbatches)
+    return Plan(model, partition, schedule, num_stages, per_replica // s.microbatches)
 
 
 class PipelineTrainer:
@@ -87,6 +90,11 @@ class PipelineTrainer:
         self.device = torch.device(device)
         self.pp_rank = grid.pp_rank
         self.stages = self._build_stages()
+        self.weight_store = None
+        if config.schedule.name in SPLIT_BACKWARD:
+            self.weight_store = WeightGradStore()
+            for stage in self.stages.values():
+                enable_split_backward(stage, self.weight_store)
         self.params = [p for stage in self.stages.values() for p in stage.parameters()]
         named = [kv for stage in self.stages.values() for kv in stage.named_parameters()]
         self.optimizer = optim.make_adamw(named, config.train)
@@ -105,6 +113,7 @@ class PipelineTrainer:
             loss_fn=loss_fn,
             recompute=config.schedule.recompute,
             fail_at=self._fail_at(),
+            weight_store=self.weight_store,
         )
 
     def _fail_at(self) -> str | None:
@@ -117,9 +126,8 @@ class PipelineTrainer:
 
     def _build_stages(self) -> dict[int, Stage]:
         """The chunks this pipeline rank holds, built directly from the seed (no full model)."""
-        K = self.plan.num_stages
         stages = {}
-        for s in range(self.pp_rank, K, self.config.parallel.pp):
+        for s in range(self.pp_rank, self.plan.num_stages, self.config.parallel.pp):
             stage = Stage(self.plan.model, self.plan.partition.layers(s), self.config.train.seed)
             stages[s] = stage.to(device=self.device, dtype=self.dtype)
         return stages
@@ -209,7 +217,8 @@ def describe_run(config: Config, plan: Plan, world_size: int) -> str:
     p, s = config.parallel, config.schedule
     lines = [
         f"hpcpipe: {world_size} ranks (dp={p.dp} pp={p.pp} tp={p.tp}), schedule {s.name}, "
-        f"M={s.microbatches} micro-batches of {plan.microbatch_size}, dtype {config.train.dtype}"
+        f"M={s.microbatches} micro-batches of {plan.microbatch_size}"
+        f"{f', V={s.virtual} chunks per rank' if s.virtual > 1 else ''}, dtype {config.train.dtype}"
         f"{', recompute' if s.recompute else ''}",
         plan.partition.describe(),
     ]

@@ -7,6 +7,7 @@ import pytest
 
 from hpcpipe.schedule import (
     SCHEDULES,
+    SPLIT_BACKWARD,
     Action,
     Kind,
     ScheduleError,
@@ -14,14 +15,17 @@ from hpcpipe.schedule import (
     build_schedule,
     compute_1f1b,
     compute_gpipe,
+    compute_interleaved,
+    compute_zb_h1,
     from_csv,
+    interleaved_round,
     render_grid,
     stage_rank,
     to_csv,
     validate,
 )
 
-GRID = [(name, K, M) for name in SCHEDULES for K in range(1, 9) for M in range(1, 18)]
+GRID = [(name, K, M) for name in ("gpipe", "1f1b") for K in range(1, 9) for M in range(1, 18)]
 
 
 def A(text: str) -> Action:
@@ -306,3 +310,90 @@ def test_render_grid_is_uniform_for_k4_m8():
     assert len(lines) == 5
     assert lines[1].startswith("rank 0 | 0F0 0F1 0F2 0F3             0B0 0F4")
     assert lines[4].startswith("rank 3 |             3F0 3B0 3F1 3B1")
+
+
+# ---------------------------------------------------------------- interleaved and zero-bubble
+
+
+def interleaved_valid(K: int, M: int) -> bool:
+    try:
+        interleaved_round(K, M)
+    except ScheduleError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("K", range(1, 9))
+def test_every_schedule_validates_over_the_whole_grid(K):
+    """K <= 8, M <= 32, V <= 4: every generated schedule passes the validator."""
+    for M in range(1, 33):
+        for name in SCHEDULES:
+            for V in range(1, 5) if name in ("gpipe", "interleaved") else (1,):
+                if name == "interleaved" and not interleaved_valid(K, M):
+                    continue
+                sched = build_schedule(name, K, M, V)
+                kinds = "FBW" if name in SPLIT_BACKWARD else "FB"
+                for r in range(K):
+                    comp = sorted(str(a) for a in sched[r] if a.is_compute)
+                    stages = range(r, K * V, K)
+                    want = sorted(f"{s}{k}{m}" for s in stages for k in kinds for m in range(M))
+                    assert comp == want, (name, K, M, V, r)
+
+
+@pytest.mark.parametrize("K", range(1, 9))
+def test_interleaved_accepts_m_up_to_k_and_multiples_of_rounds(K):
+    for M in range(1, 33):
+        assert interleaved_valid(K, M) == (M % max(1, M // K) == 0)
+
+
+def test_interleaved_refusal_names_nearest_valid_m():
+    with pytest.raises(ScheduleError) as info:
+        build_schedule("interleaved", 4, 9, 2)
+    assert "use M=8 or M=10" in str(info.value)
+
+
+def test_interleaved_crosses_from_last_rank_to_first():
+    sched = build_schedule("interleaved", 2, 2, 2)
+    assert A("1SEND_F0") in sched[1] and A("2RECV_F0") in sched[0]
+    assert A("2SEND_B0") in sched[0] and A("1RECV_B0") in sched[1]
+
+
+def test_interleaved_matches_torch():
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+
+    class StandIn:
+        """What ScheduleInterleaved1F1B reads from a stage."""
+
+        def __init__(self, index, K, V):
+            self.stage_index, self.num_stages = index, K * V
+            self.group_rank, self.group_size = 0, K
+            self.is_first, self.is_last = index == 0, index == K * V - 1
+
+    for K, V, M in itertools.product(range(2, 6), range(2, 4), range(1, 21)):
+        if not interleaved_valid(K, M):
+            continue
+        order = schedules.ScheduleInterleaved1F1B([StandIn(c * K, K, V) for c in range(V)], M)
+        theirs = {
+            r: [str(a) for a in acts if a is not None and re.fullmatch(r"\d+[FB]\d+", str(a))]
+            for r, acts in order.pipeline_order.items()
+        }
+        ours = {r: list(map(str, acts)) for r, acts in compute_interleaved(K, M, V).items()}
+        assert ours == theirs, (K, V, M)
+
+
+@pytest.mark.parametrize("K", range(1, 9))
+def test_zb_h1_memory_equals_1f1b_peak(K):
+    for M in range(1, 33):
+        peaks = validate(build_schedule("zb-h1", K, M), K, M).peak_activations
+        assert max(peaks.values()) == min(K, M)
+
+
+def test_zb_h1_defers_weight_gradients_on_later_ranks():
+    sched = compute_zb_h1(3, 4)
+    assert [str(a) for a in sched[0]][:6] == ["0F0", "0F1", "0F2", "0B0", "0W0", "0F3"]
+    assert [str(a) for a in sched[2]][:6] == ["2F0", "2B0", "2F1", "2B1", "2F2", "2B2"]
+
+
+def test_split_backward_schedules_reject_v():
+    with pytest.raises(ScheduleError, match="only V=1"):
+        build_schedule("zb-h1", 2, 4, 2)

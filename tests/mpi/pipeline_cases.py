@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from mpi4py import MPI
+from pipeline_case_list import cases
 
 from hpcpipe import data
 from hpcpipe.config import build_config
 from hpcpipe.grid import Grid, Topology
+from hpcpipe.schedule import validate
 from hpcpipe.serial import SerialTrainer
 from hpcpipe.train import PipelineTrainer, make_plan
 
@@ -23,25 +28,15 @@ STEPS = 3
 TINY = {"n_layers": 2, "d_model": 16, "n_heads": 2, "seq_len": 8, "vocab_size": 256}
 
 
-def cases(world: int) -> list[dict]:
-    """GPipe and 1F1B, M in {1, 3, K, 2K+1}, with and without recomputation."""
-    out = []
-    for name in ("gpipe", "1f1b"):
-        for M in sorted({1, 3, world, 2 * world + 1}):
-            for recompute in (False, True):
-                out.append({"schedule": name, "microbatches": M, "recompute": recompute})
-    return out
-
-
 def case_config(world: int, case: dict):
-    M = case["microbatches"]
+    M, V = case["microbatches"], case["virtual"]
     return build_config(
         {
-            "model": TINY,
+            "model": {**TINY, "n_layers": max(TINY["n_layers"], world * V)},
             "train": {"global_batch": 2 * M, "steps": STEPS, "dtype": "float64", "lr": 1e-2,
                       "warmup_steps": 1, "grad_clip": 0.5, "seed": 7},
             "parallel": {"pp": world, "timeout": 20},
-            "schedule": {"name": case["schedule"], "microbatches": M,
+            "schedule": {"name": case["schedule"], "microbatches": M, "virtual": V,
                          "recompute": case["recompute"]},
         }
     )  # fmt: skip
@@ -49,6 +44,7 @@ def case_config(world: int, case: dict):
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-wise relative difference."""
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
@@ -56,9 +52,12 @@ def run_case(comm, world: int, case: dict, tokens) -> dict:
     """Train STEPS steps both ways; return this rank's worst differences."""
     config = case_config(world, case)
     grid = Grid(comm, Topology(1, world, 1))
-    trainer = PipelineTrainer(config, grid, make_plan(config, world), tokens=tokens)
+    plan = make_plan(config, world)
+    trainer = PipelineTrainer(config, grid, plan, tokens=tokens)
     oracle = SerialTrainer(config, tokens=tokens)
-    worst = {"loss": 0.0, "grad": 0.0, "param": 0.0, "peak": []}
+    bound = validate(plan.schedule, world, case["microbatches"], case["virtual"])
+    worst = {"loss": 0.0, "grad": 0.0, "param": 0.0, "peak": [], "bound": 0}
+    worst["bound"] = bound.peak_activations[grid.pp_rank]
     for _ in range(STEPS):
         result = trainer.forward_backward()
         ref_loss = oracle.forward_backward()
@@ -103,6 +102,7 @@ def main() -> None:
                     "norm_rel": max(g["norm"] for g in gathered),
                     "clipped": gathered[0]["clipped"],
                     "peak_per_rank": [max(g["peak"]) for g in gathered],
+                    "schedule_peak_per_rank": [g["bound"] for g in gathered],
                 }
             )
     if comm.Get_rank() == 0:

@@ -1,0 +1,96 @@
+"""Split backward for zero-bubble schedules: B computes input gradients, W weight gradients.
+
+Linear layers carry almost all of a transformer's weight-gradient FLOPs, so only their weight
+gradients are deferred (as Megatron's zero-bubble implementation does); LayerNorm and embedding
+gradients stay in B. Swapping `nn.Linear` for `DeferrableLinear` keeps the same Parameter
+objects and names, so optimizers and checkpoints are unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class WeightGradStore:
+    """Where a split backward parks its weight-gradient work until the W action runs it."""
+
+    def __init__(self):
+        self.capturing = False
+        self.pending: list[Callable[[], None]] = []
+
+    def begin(self) -> None:
+        """Start capturing: Linear backwards queue their weight gradients instead."""
+        self.capturing, self.pending = True, []
+
+    def end(self) -> list[Callable[[], None]]:
+        """Stop capturing; return the queued work (one closure per Linear)."""
+        self.capturing = False
+        work, self.pending = self.pending, []
+        return work
+
+
+def _accumulate(param: nn.Parameter, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad += grad
+
+
+class _LinearFn(torch.autograd.Function):
+    """y = x W^T + b whose weight gradient can be deferred to a later W action."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, store):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.store = bias is not None, store
+        ctx.params = (weight, bias)
+        out = x.matmul(weight.t())
+        return out + bias if bias is not None else out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
+        weight_param, bias_param = ctx.params
+
+        def weight_grads():
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            dw = g2.t().matmul(x.reshape(-1, x.shape[-1]))
+            db = g2.sum(0) if ctx.has_bias else None
+            return dw, db
+
+        if ctx.store.capturing:
+
+            def deferred():
+                dw, db = weight_grads()
+                _accumulate(weight_param, dw)
+                if db is not None:
+                    _accumulate(bias_param, db)
+
+            ctx.store.pending.append(deferred)
+            return grad_x, None, None, None
+        dw, db = weight_grads()
+        return grad_x, dw, db, None
+
+
+class DeferrableLinear(nn.Linear):
+    """nn.Linear whose weight gradient may be computed later (see WeightGradStore)."""
+
+    store: WeightGradStore
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LinearFn.apply(x, self.weight, self.bias, self.store)
+
+
+def enable_split_backward(module: nn.Module, store: WeightGradStore) -> int:
+    """Turn every nn.Linear inside `module` into a DeferrableLinear in place; return the count."""
+    count = 0
+    for child in module.modules():
+        if type(child) is nn.Linear:
+            child.__class__ = DeferrableLinear
+            child.store = store
+            count += 1
+    return count
