@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from . import config as cfg
 from . import data
@@ -23,17 +24,39 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--config", help="TOML file with [model] [train] [parallel] [schedule] [data]")
     p.add_argument("--metrics", help="write one JSON object per step to this file (rank 0)")
+    p.add_argument(
+        "--trace",
+        help="time every action of the last step on every rank; write one Chrome/Perfetto "
+        "trace (open in ui.perfetto.dev or chrome://tracing) with the measured bubble",
+    )
     for flag, dotted in cfg.SHORT_FLAGS.items():
         p.add_argument(f"--{flag}", dest=f"short_{flag}", metavar="VALUE", help=f"= --{dotted}")
     p.set_defaults(func=run_train)
 
 
 def _schedule_parser(sub) -> None:
-    p = sub.add_parser("schedule", help="print a pipeline schedule (no MPI needed)")
-    p.add_argument("--schedule", default="1f1b", help="schedule name: gpipe, 1f1b")
-    p.add_argument("--stages", type=int, required=True, help="K, the number of pipeline ranks")
-    p.add_argument("--microbatches", type=int, required=True, help="M, micro-batches per step")
-    p.add_argument("--format", choices=["grid", "csv"], default="grid")
+    from .schedule import SCHEDULES
+
+    p = sub.add_parser(
+        "schedule",
+        help="print, simulate or draw a pipeline schedule (no MPI needed)",
+        description="Generate a schedule, validate it, simulate it with a cost model and print "
+        "it. With --fit TRACE, the costs are fitted from a measured `hpcpipe train --trace` run "
+        "and the command predicts the given schedule/M/V.",
+    )
+    p.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="schedule name")
+    p.add_argument("--stages", type=int, help="K, the number of pipeline ranks")
+    p.add_argument("--microbatches", type=int, help="M, micro-batches per step")
+    p.add_argument("--virtual", type=int, default=1, help="V, model chunks per rank")
+    p.add_argument(
+        "--costs",
+        default="1,1,1,0",
+        help="T_F,T_B,T_W,T_comm: one rank's share per micro-batch (W is folded into B for "
+        "schedules without the split); default 1,1,1,0",
+    )
+    p.add_argument("--fit", metavar="TRACE", help="fit the costs from a measured trace")
+    p.add_argument("--format", choices=["grid", "json", "csv", "png", "chrome"], default="grid")
+    p.add_argument("--out", help="output file (required for png; default stdout otherwise)")
     p.set_defaults(func=run_schedule)
 
 
@@ -107,7 +130,7 @@ def run_train(args) -> int:
         _report(f"hpcpipe: configuration error (rank {rank}): {exc}")
         return 2
     try:
-        train(config, comm, metrics_path=args.metrics)
+        train(config, comm, metrics_path=args.metrics, trace_path=args.trace)
     except BaseException as exc:  # noqa: BLE001 - any failure must bring the whole job down
         _report(f"hpcpipe: world rank {rank} failed: {exc}\n{traceback.format_exc()}")
         comm.Abort(1)
@@ -115,18 +138,19 @@ def run_train(args) -> int:
 
 
 def run_schedule(args) -> int:
-    """Print a schedule as a rank x time grid or as CSV."""
-    from .schedule import ScheduleError, build_schedule, render_grid, to_csv
+    """Print a schedule as a grid, JSON (with the simulation), CSV, PNG or Chrome trace."""
+    from . import schedule_cli
 
     try:
-        schedule = build_schedule(args.schedule, args.stages, args.microbatches)
-    except ScheduleError as exc:
+        text = schedule_cli.render(args)
+    except ValueError as exc:  # ScheduleError and bad --costs are ValueErrors
         _report(f"hpcpipe schedule: {exc}")
         return 2
-    if args.format == "csv":
-        print(to_csv(schedule), end="")
-    else:
-        print(render_grid(schedule, args.stages, args.microbatches))
+    if text is not None:
+        if args.out:
+            Path(args.out).write_text(text)
+        else:
+            print(text, end="" if text.endswith("\n") else "\n")
     return 0
 
 

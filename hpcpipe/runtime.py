@@ -64,6 +64,7 @@ class PipelineRuntime:
     fail_at: str | None = None  # "STEP:ACTION" to raise there (fault-injection tests)
     weight_store: WeightGradStore | None = None  # set: B computes input grads, W weight grads
     step_index: int = 0
+    trace: list | None = None  # when a list: (action, start, end) of every action, perf_counter
 
     def rank_of(self, stage: int) -> int:
         """Pipeline rank that holds a global stage."""
@@ -81,7 +82,10 @@ class PipelineRuntime:
         for index, action in enumerate(self.actions):
             try:
                 self._inject(action)
+                self._compute_start = time.perf_counter()
                 self._run(action)
+                if self.trace is not None:
+                    self.trace.append((action, self._compute_start, time.perf_counter()))
             except Exception as exc:
                 raise ActionError(self._describe_failure(index, action, exc)) from exc
         if self.p2p:
@@ -134,9 +138,9 @@ class PipelineRuntime:
         return out
 
     def _forward(self, stage: int, mb: int) -> None:
-        start = time.perf_counter()
         st = self._st(stage, mb)
         st.inputs = self._forward_input(stage, mb)
+        start = self._compute_start = time.perf_counter()  # after any wait for the input
         # NOTE: the model has no dropout, so recomputation needs no saved RNG state.
         with torch.set_grad_enabled(not self.recompute):
             out = self._stage_forward(stage, mb, st.inputs)
@@ -165,7 +169,7 @@ class PipelineRuntime:
         if st is None or st.inputs is None:
             raise RuntimeError(f"{stage}B{mb} runs before {stage}F{mb}")
         grad = self._output_grad(stage, mb)
-        start = time.perf_counter()
+        start = self._compute_start = time.perf_counter()  # after any wait for the gradient
         if self.recompute:
             with torch.enable_grad():
                 out = self._stage_forward(stage, mb, st.inputs)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import data, optim
+from . import trace as tracing
 from .config import Config, ConfigError, check_world
 from .grid import Grid, Topology
 from .model import GPTConfig, Stage, loss_fn
@@ -225,8 +226,42 @@ def describe_run(config: Config, plan: Plan, world_size: int) -> str:
     return "\n".join(lines)
 
 
-def train(config: Config, comm, metrics_path: str | None = None, echo=print) -> list[dict]:
-    """Train for config.train.steps steps on `comm`; rank 0 prints and writes metrics."""
+def trace_step(trainer: PipelineTrainer, path: str) -> dict:
+    """Run one step with every action timed; rank 0 writes the merged trace. Returns the record."""
+    comm = trainer.grid.cart
+    comm.Barrier()  # a common origin for every rank's clock
+    origin = time.perf_counter()
+    trainer.runtime.trace = []
+    record = trainer.train_step()
+    events = tracing.local_events(trainer.runtime.trace, origin, trainer.grid.pp_rank)
+    trainer.runtime.trace = None
+    gathered = comm.gather(events if trainer.grid.coords["dp"] == 0 else [], root=0)
+    if trainer.grid.world_rank == 0:
+        s = trainer.config.schedule
+        meta = {
+            "K": trainer.config.parallel.pp,
+            "M": s.microbatches,
+            "V": s.virtual,
+            "schedule": s.name,
+            "step": record["step"],
+            "step_time": record["step_time"],
+        }
+        meta = tracing.write_trace(path, [e for part in gathered for e in part], meta)
+        record["measured_bubble"] = meta["measured_bubble"]
+    return record
+
+
+def train(
+    config: Config,
+    comm,
+    metrics_path: str | None = None,
+    echo=print,
+    trace_path: str | None = None,
+) -> list[dict]:
+    """Train for config.train.steps steps on `comm`; rank 0 prints and writes metrics.
+
+    With trace_path, the last step is traced (every action's start and end on every rank).
+    """
     plan = make_plan(config, comm.Get_size())
     torch.set_num_threads(config.train.threads)
     grid = Grid(
@@ -242,8 +277,11 @@ def train(config: Config, comm, metrics_path: str | None = None, echo=print) -> 
     sink = open(metrics_path, "w") if leader and metrics_path else None  # noqa: SIM115
     records = []
     try:
-        for _ in range(config.train.steps):
-            record = trainer.train_step()
+        for index in range(config.train.steps):
+            if trace_path and index == config.train.steps - 1:
+                record = trace_step(trainer, trace_path)
+            else:
+                record = trainer.train_step()
             records.append(record)
             if leader and record["step"] % config.train.log_every == 0:
                 echo(format_record(record, config.train.steps))

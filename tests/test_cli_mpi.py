@@ -99,3 +99,27 @@ def test_schedule_command_prints_the_grid():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[1].startswith("rank 0 | 0F0 0F1")
+
+
+def test_trace_of_a_zero_bubble_run_and_prediction(tmp_path):
+    trace = tmp_path / "trace.json"
+    args = ["-m", "hpcpipe", "train", "--pp", "2", "--steps", "2", "--schedule", "zb-h1"]
+    proc = run_mpi(2, [*args, "--microbatches", "4", *TINY, "--trace", str(trace)], 300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(trace.read_text())
+    events = data["traceEvents"]
+    slices = [e for e in events if e["ph"] == "X"]
+    assert len(slices) == 2 * 4 * 3  # ranks x micro-batches x (F, B, W)
+    assert {e["pid"] for e in slices} == {0, 1}  # one row per rank
+    flows = [e for e in events if e["ph"] in ("s", "f")]
+    assert len(flows) == 2 * (4 + 4)  # every forward and backward message, both ends
+    assert 0 <= data["hpcpipe"]["measured_bubble"] < 1
+    fit = subprocess.run(
+        [sys.executable, "-m", "hpcpipe", "schedule", "--fit", str(trace), "--schedule",
+         "1f1b", "--microbatches", "8", "--format", "json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr
+    predicted = json.loads(fit.stdout)
+    assert predicted["M"] == 8 and predicted["step_time"] > 0
+    assert predicted["measured"]["schedule"] == "zb-h1"

@@ -1,0 +1,65 @@
+"""`hpcpipe schedule`: build, simulate and render a schedule in the requested format."""
+
+from __future__ import annotations
+
+import json
+
+from . import draw
+from .schedule import SPLIT_BACKWARD, build_schedule, render_grid, to_csv
+from .simulate import Costs, fit_costs, simulate
+from .trace import compute_timeline, read_trace
+
+
+def costs_for(args, name: str) -> tuple[Costs, dict]:
+    """Costs from --fit (a measured trace) or --costs; W folds into B without the split."""
+    if args.fit:
+        meta, events = read_trace(args.fit)
+        costs = fit_costs(compute_timeline(events), V=meta["V"])
+        source = {"fitted_from": args.fit, "measured": meta}
+    else:
+        costs, source = Costs.parse(args.costs), {}
+    if name not in SPLIT_BACKWARD and costs.t_w:
+        # NOTE: schedules without W run the weight gradient inside B.
+        costs = Costs(costs.t_f, costs.t_b + costs.t_w, 0.0, costs.t_comm)
+    return costs, source
+
+
+def _sizes(args) -> tuple[int, int, int]:
+    K, M = args.stages, args.microbatches
+    if args.fit and (K is None or M is None):
+        meta, _ = read_trace(args.fit)
+        K, M = K or meta["K"], M or meta["M"]
+    if K is None or M is None:
+        raise ValueError("--stages and --microbatches are required (or --fit TRACE)")
+    return K, M, args.virtual
+
+
+def render(args) -> str | None:
+    """The text to print (None when a file was written)."""
+    K, M, V = _sizes(args)
+    Costs.parse(args.costs)  # refuse a bad --costs whatever the format
+    schedule = build_schedule(args.schedule, K, M, V)
+    if args.format == "grid":
+        return render_grid(schedule, K, M, V)
+    if args.format == "csv":
+        return to_csv(schedule)
+    costs, source = costs_for(args, args.schedule)
+    sim = simulate(schedule, K, M, V, costs)
+    if args.format == "json":
+        out = draw.to_json(schedule, K, M, V, sim)
+        out.update(
+            name=args.schedule,
+            bubble_rate=sim.bubble_rate,
+            step_time=sim.step_time,
+            peak_activations=[sim.peak_activations[r] for r in range(K)],
+            costs=[costs.t_f, costs.t_b, costs.t_w, costs.t_comm],
+            **source,
+        )
+        return json.dumps(out, indent=1)
+    if args.format == "chrome":
+        return json.dumps(draw.to_chrome_trace(sim.timeline, K, draw.timeline_arrows(sim.timeline)))
+    if not args.out:
+        raise ValueError("--format png needs --out FILE.png")
+    title = f"{args.schedule} K={K} M={M} V={V}: bubble {sim.bubble_rate:.3f}"
+    draw.to_png(sim.timeline, K, args.out, title=title)
+    return None
