@@ -21,6 +21,7 @@ class ModelSection:
     n_heads: int = 4
     seq_len: int = 64
     vocab_size: int = 256
+    tie_embeddings: bool = True  # GPT-2 style: the head reuses the token embedding matrix
 
 
 @dataclass(frozen=True)

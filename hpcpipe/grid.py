@@ -104,6 +104,13 @@ class Grid:
         self.comms = {
             axis: self.cart.Sub([a == axis for a in topology.order]) for axis in topology.order
         }
+        # The first and last pipeline ranks of each (dp, tp) hold the tied embedding copies.
+        ends = self.pp_rank in (0, topology.pp - 1)
+        from mpi4py import MPI
+
+        self.embedding_comm = self.pp_comm.Split(0 if ends else MPI.UNDEFINED, self.pp_rank)
+        if self.embedding_comm == MPI.COMM_NULL:
+            self.embedding_comm = None
 
     @property
     def pp_comm(self):
@@ -131,6 +138,7 @@ class Grid:
 
     def free(self) -> None:
         """Release the communicators."""
-        for comm in self.comms.values():
-            comm.Free()
+        for comm in [*self.comms.values(), self.embedding_comm]:
+            if comm is not None:
+                comm.Free()
         self.cart.Free()

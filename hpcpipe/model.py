@@ -29,6 +29,7 @@ class GPTConfig:
     vocab_size: int = 256
     mlp_ratio: int = 4
     init_std: float = 0.02
+    tie_embeddings: bool = True  # lm_head.weight is tok.weight, as in GPT-2
 
     def __post_init__(self) -> None:
         self.check()
@@ -80,22 +81,27 @@ class Embedding(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with a fused qkv projection."""
+    """Multi-head causal self-attention with a fused qkv projection.
+
+    The qkv rows are grouped per head ([q_h, k_h, v_h] for h = 0, 1, ...), as in Megatron, so
+    the rows of any run of heads are one contiguous block: tensor parallelism takes a block.
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
-        # (b, t, d) -> (b, heads, t, head_dim)
-        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        qkv = self.qkv(x)
+        heads = qkv.shape[-1] // (3 * self.head_dim)  # fewer when tensor-parallel
+        # (b, t, heads, 3, head_dim) -> three (b, heads, t, head_dim)
+        qkv = qkv.view(b, t, heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         # checked: deterministic and matches a hand-written masked softmax in float64 on CPU
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -128,7 +134,7 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    """Final LayerNorm and the (untied) language-model projection."""
+    """Final LayerNorm and the language-model projection (tied to tok.weight by default)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -181,9 +187,20 @@ def build_layer(
     gen = torch.Generator(device="cpu").manual_seed(layer_seed(seed, index))
     with torch.no_grad():
         _init_weights(layer, config, gen)
+        if kind is Head and config.tie_embeddings:
+            # A separate copy where the head lives apart from the embedding: it starts equal,
+            # and the pipeline sums the two copies' gradients so they stay equal.
+            layer.lm_head.weight.copy_(build_layer(config, 0, seed).tok.weight)
     # always draw in float32, then cast: a float64 model starts from exactly the
     # float32 model's weights, so the two differ only in arithmetic
     return layer.to(dtype)
+
+
+def tie_if_both_present(config: GPTConfig, layers: Mapping[int, nn.Module]) -> None:
+    """Share one Parameter between tok and lm_head when the same module holds both."""
+    last = config.num_layers - 1
+    if config.tie_embeddings and 0 in layers and last in layers:
+        layers[last].lm_head.weight = layers[0].tok.weight
 
 
 class GPT(nn.Module):
@@ -195,6 +212,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(
             [build_layer(config, i, seed, dtype) for i in range(config.num_layers)]
         )
+        tie_if_both_present(config, {i: layer for i, layer in enumerate(self.layers)})
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = tokens
@@ -220,7 +238,9 @@ class Stage(nn.Module):
                 f"0..{config.num_layers - 1}"
             )
         super().__init__()
-        self._set_layers({i: build_layer(config, i, seed, dtype) for i in indices})
+        layers = {i: build_layer(config, i, seed, dtype) for i in indices}
+        tie_if_both_present(config, layers)
+        self._set_layers(layers)
 
     @classmethod
     def from_layers(cls, layers: Mapping[int, nn.Module]) -> "Stage":

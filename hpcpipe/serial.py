@@ -53,8 +53,10 @@ class SerialTrainer:
 
     def grads(self) -> dict[str, torch.Tensor]:
         """Current gradient of every parameter, by global name."""
-        return {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
+        named = self.model.named_parameters(remove_duplicate=False)  # tied names too
+        return {n: p.grad.detach().clone() for n, p in named}
 
     def params(self) -> dict[str, torch.Tensor]:
         """Current value of every parameter, by global name."""
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        named = self.model.named_parameters(remove_duplicate=False)
+        return {n: p.detach().clone() for n, p in named}

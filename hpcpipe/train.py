@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, optim
+from . import data, optim, tied
 from . import trace as tracing
 from .config import Config, ConfigError, check_world
 from .grid import Grid, Topology
@@ -37,6 +37,7 @@ def gpt_config(config: Config) -> GPTConfig:
         n_heads=m.n_heads,
         seq_len=m.seq_len,
         vocab_size=m.vocab_size,
+        tie_embeddings=m.tie_embeddings,
     )
 
 
@@ -88,6 +89,7 @@ class PipelineTrainer:
     def __init__(self, config: Config, grid: Grid, plan: Plan, device: str = "cpu", tokens=None):
         self.config, self.grid, self.plan = config, grid, plan
         self.dtype = TORCH_DTYPES[config.train.dtype]
+        self.tie = plan.model.tie_embeddings
         self.device = torch.device(device)
         self.pp_rank = grid.pp_rank
         self.stages = self._build_stages()
@@ -96,8 +98,12 @@ class PipelineTrainer:
             self.weight_store = WeightGradStore()
             for stage in self.stages.values():
                 enable_split_backward(stage, self.weight_store)
-        self.params = [p for stage in self.stages.values() for p in stage.parameters()]
-        named = [kv for stage in self.stages.values() for kv in stage.named_parameters()]
+        named = unique_named_parameters(self.stages)
+        self.params = [p for _, p in named]
+        self.tied = tied.tied_copies(self.stages, plan.model.num_layers) if self.tie else []
+        # Each parameter counts once in the global norm: skip the head's copy of a tied matrix.
+        skip = tied.separate_head_copy(self.stages, plan.model.num_layers) if self.tie else set()
+        self.norm_params = [p for p in self.params if id(p) not in skip]
         self.optimizer = optim.make_adamw(named, config.train)
         self.step_index = 0
         self.sampler, self.tokens = self._build_data(tokens)
@@ -159,13 +165,17 @@ class PipelineTrainer:
         """Run the schedule once: gradients of this step are accumulated in .grad."""
         for p in self.params:
             p.grad = None
-        return self.runtime.step(self.next_microbatches())
+        result = self.runtime.step(self.next_microbatches())
+        result.wait_seconds += tied.sum_tied_grads(
+            self.tied, self.grid.embedding_comm, self.config.parallel.timeout
+        )
+        return result
 
     def finish_step(self, result: StepResult) -> dict:
         """Global norm, clipping, LR, AdamW; returns the step's loss, norm and lr."""
         t = self.config.train
         totals = torch.tensor(
-            [optim.grad_square_sum(self.params), result.loss], dtype=torch.float64
+            [optim.grad_square_sum(self.norm_params), result.loss], dtype=torch.float64
         )
         waited = allreduce_(self.grid.cart, totals, timeout=self.config.parallel.timeout)
         grad_norm = float(totals[0]) ** 0.5
@@ -211,6 +221,17 @@ def pick_device(config: Config, comm) -> str:
     local_rank = node.Get_rank()
     node.Free()
     return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
+def unique_named_parameters(stages: dict) -> list[tuple[str, torch.nn.Parameter]]:
+    """(global name, parameter) of every local stage, each Parameter once, in stage order."""
+    seen, out = set(), []
+    for stage in stages.values():
+        for name, param in stage.named_parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                out.append((name, param))
+    return out
 
 
 def describe_run(config: Config, plan: Plan, world_size: int) -> str:

@@ -46,8 +46,8 @@ def test_gpt_equals_layers_one_by_one():
 
 @pytest.mark.parametrize("start,stop", [(0, 1), (0, 3), (2, 5), (1, 6), (5, 6), (0, 6)])
 def test_stage_matches_gpt_bit_for_bit(start, stop):
-    full = dict(GPT(CFG, seed=SEED).named_parameters())
-    stage = dict(Stage(CFG, range(start, stop), seed=SEED).named_parameters())
+    full = dict(GPT(CFG, seed=SEED).named_parameters(remove_duplicate=False))
+    stage = dict(Stage(CFG, range(start, stop), seed=SEED).named_parameters(remove_duplicate=False))
     expected = {k for k in full if start <= int(k.split(".")[1]) < stop}
     assert set(stage) == expected
     for name, p in stage.items():
@@ -171,7 +171,9 @@ def test_param_costs_match_numel(mlp_ratio):
     model = GPT(cfg)
     assert len(costs) == cfg.num_layers
     assert costs == [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
-    assert sum(costs) == sum(p.numel() for p in model.parameters())
+    # The head's matmul costs the same whether or not its matrix is tied to the embedding.
+    every = model.named_parameters(remove_duplicate=False)
+    assert sum(costs) == sum(p.numel() for _, p in every)
 
 
 def test_flop_costs():
@@ -213,3 +215,13 @@ def test_config_errors(kwargs, match):
     base = dict(n_layers=2, d_model=32, n_heads=4, seq_len=8)
     with pytest.raises(ValueError, match=match):
         GPTConfig(**{**base, **kwargs})
+
+
+def test_tied_embeddings_share_or_start_equal():
+    model = GPT(CFG, seed=SEED)
+    assert model.layers[-1].lm_head.weight is model.layers[0].tok.weight
+    head_alone = Stage(CFG, range(CFG.num_layers - 1, CFG.num_layers), seed=SEED)
+    (weight,) = [p for n, p in head_alone.named_parameters() if n.endswith("lm_head.weight")]
+    assert torch.equal(weight, model.layers[0].tok.weight)
+    untied = GPT(GPTConfig(**{**CFG.__dict__, "tie_embeddings": False}), seed=SEED)
+    assert untied.layers[-1].lm_head.weight is not untied.layers[0].tok.weight

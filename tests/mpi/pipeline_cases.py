@@ -79,7 +79,8 @@ def run_case(comm, world: int, case: dict, tokens) -> dict:
 
 def local_params(trainer: PipelineTrainer):
     """(global name, parameter) of every stage this rank holds."""
-    return [kv for stage in trainer.stages.values() for kv in stage.named_parameters()]
+    stages = trainer.stages.values()
+    return [kv for stage in stages for kv in stage.named_parameters(remove_duplicate=False)]
 
 
 def main() -> None:
