@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -105,7 +106,8 @@ def tensor_name(dataset: str) -> str:
 def to_array(tensor: torch.Tensor) -> np.ndarray:
     """Host, contiguous, little-endian numpy copy of a tensor (bf16 as uint16 bits)."""
     if tensor.dtype not in _STORAGE:
-        raise CheckpointError(f"cannot checkpoint dtype {tensor.dtype}; supported: {_BY_NAME}")
+        supported = ", ".join(sorted(_BY_NAME))
+        raise CheckpointError(f"cannot checkpoint dtype {tensor.dtype}; supported: {supported}")
     t = tensor.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16).astype("<u2", copy=False)
@@ -180,7 +182,9 @@ def fsync_path(path: Path) -> None:
 
 
 def write_shard_file(directory: str | Path, position: str, shards: list[Shard]) -> list[dict]:
-    """Write <directory>/<position>.h5 (flushed and fsynced); return the pieces' records."""
+    """Write <directory>/<position>.h5 (flushed, fsynced); return the pieces' manifest records."""
+    if not shards:
+        return []  # a position with nothing to save leaves no file
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -203,6 +207,7 @@ def write_shard_file(directory: str | Path, position: str, shards: list[Shard]) 
 
 
 def _boxes_overlap(a: dict, b: dict) -> bool:
+    """Whether two saved pieces share an element."""
     return all(
         oa < ob + nb and ob < oa + na
         for oa, na, ob, nb in zip(a["offsets"], a["shape"], b["offsets"], b["shape"], strict=True)
@@ -215,26 +220,18 @@ def coverage_problem(name: str, entry: dict) -> str | None:
     pieces = list(unique.values())
     for i, a in enumerate(pieces):
         for b in pieces[i + 1 :]:
-            if _boxes_overlap(a, b) and math_prod(a["shape"]) and math_prod(b["shape"]):
+            if _boxes_overlap(a, b) and math.prod(a["shape"]) and math.prod(b["shape"]):
                 return (
                     f"{name}: saved pieces at offsets {a['offsets']} ({a['file']}) and "
                     f"{b['offsets']} ({b['file']}) overlap"
                 )
-    total = sum(math_prod(p["shape"]) for p in pieces)
-    if total != math_prod(entry["global_shape"]):
+    total = sum(math.prod(p["shape"]) for p in pieces)
+    if total != math.prod(entry["global_shape"]):
         return (
-            f"{name}: saved pieces hold {total} of the {math_prod(entry['global_shape'])} "
+            f"{name}: saved pieces hold {total} of the {math.prod(entry['global_shape'])} "
             f"elements of global shape {entry['global_shape']} (a piece was not saved)"
         )
     return None
-
-
-def math_prod(shape) -> int:
-    """Number of elements of a shape (1 for a scalar)."""
-    out = 1
-    for n in shape:
-        out *= int(n)
-    return out
 
 
 def build_manifest(manifest: dict, step: int, records: list[dict]) -> dict:
@@ -618,6 +615,8 @@ def _commit(root: Path, step: int, manifest: dict, records: list[dict], keep: in
         final.rename(root / f".trash_step_{step}")
     os.replace(tmp, final)
     fsync_path(root)
+    if (root / f".trash_step_{step}").exists():
+        shutil.rmtree(root / f".trash_step_{step}")
     latest_tmp = root / f"{LATEST}.tmp"
     latest_tmp.write_text(f"{final.name}\n")
     fsync_path(latest_tmp)

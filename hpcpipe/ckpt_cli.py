@@ -18,8 +18,14 @@ def _err(message: str) -> int:
     return 1
 
 
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _size(path: Path) -> str:
+    """Total size of a directory, human-readable."""
+    size = float(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()))
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{size:.1f} {unit}"
 
 
 def _describe_run(run: Path) -> list[str]:
@@ -29,8 +35,7 @@ def _describe_run(run: Path) -> list[str]:
     for _, step_dir in ck.list_steps(run):
         mark = "*" if latest is not None and step_dir.name == latest.name else " "
         note = "" if (step_dir / ck.MANIFEST).is_file() else "  (no manifest: invalid)"
-        size = _size(step_dir) / 2**20
-        lines.append(f"  {mark} {step_dir.name:<16} {size:10.1f} MiB{note}")
+        lines.append(f"  {mark} {step_dir.name:<16} {_size(step_dir):>11}{note}")
     if latest is not None and not latest.is_dir():
         lines.append(f"  ! latest names {latest.name}, which does not exist")
     return lines

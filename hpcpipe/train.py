@@ -12,12 +12,14 @@ import torch
 from . import data, optim, tied
 from . import trace as tracing
 from .config import Config, ConfigError, check_world
+from .data_parallel import GradReducer
 from .grid import Grid, Topology
 from .model import GPTConfig, Stage, loss_fn
 from .p2p import P2P, allreduce_
 from .partition import Partition, PartitionError, plan
 from .runtime import PipelineRuntime, StepResult
 from .schedule import SPLIT_BACKWARD, Schedule, ScheduleError, build_schedule
+from .tensor_parallel import TPContext, check_divisible, loss_for, parallelize_stage
 from .zero_bubble import WeightGradStore, enable_split_backward
 
 TORCH_DTYPES = {
@@ -56,14 +58,10 @@ def make_plan(config: Config, world_size: int) -> Plan:
     """Check the config against the world and derive partition and schedule (raises ConfigError)."""
     check_world(config, world_size)
     p, s = config.parallel, config.schedule
-    if p.tp > 1 or p.dp > 1:
-        raise ConfigError(
-            f"parallel.tp={p.tp}, parallel.dp={p.dp}: tensor and data parallelism are not "
-            "available yet in this version; use tp = dp = 1 and pp = number of processes"
-        )
     model = gpt_config(config)
     try:
         model.check()
+        check_divisible(model, p.tp)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     num_stages = p.pp * s.virtual
@@ -92,6 +90,8 @@ class PipelineTrainer:
         self.tie = plan.model.tie_embeddings
         self.device = torch.device(device)
         self.pp_rank = grid.pp_rank
+        self.tp = TPContext(grid.tp_comm, grid.tp_rank, config.parallel.tp, config.parallel.timeout)
+        self.tp_specs: dict[str, tuple] = {}  # global name -> (dim, offset, global size)
         self.stages = self._build_stages()
         self.weight_store = None
         if config.schedule.name in SPLIT_BACKWARD:
@@ -99,12 +99,18 @@ class PipelineTrainer:
             for stage in self.stages.values():
                 enable_split_backward(stage, self.weight_store)
         named = unique_named_parameters(self.stages)
+        self.named_params = named
         self.params = [p for _, p in named]
         self.tied = tied.tied_copies(self.stages, plan.model.num_layers) if self.tie else []
-        # Each parameter counts once in the global norm: skip the head's copy of a tied matrix.
-        skip = tied.separate_head_copy(self.stages, plan.model.num_layers) if self.tie else set()
-        self.norm_params = [p for p in self.params if id(p) not in skip]
+        self.norm_params = self._norm_params(named)
         self.optimizer = optim.make_adamw(named, config.train)
+        self.reducer = GradReducer(
+            self.params, grid.dp_comm, config.schedule.microbatches,
+            timeout=config.parallel.timeout,
+        )  # fmt: skip
+        if self.weight_store is not None:
+            self.weight_store.on_accumulate = self.reducer.grad_ready
+            self.reducer.defer(deferred_parameters(self.stages))
         self.step_index = 0
         self.sampler, self.tokens = self._build_data(tokens)
         m = config.model
@@ -117,11 +123,31 @@ class PipelineTrainer:
             activation_shape=(plan.microbatch_size, m.seq_len, m.d_model),
             dtype=self.dtype,
             device=self.device,
-            loss_fn=loss_fn,
+            loss_fn=loss_for(plan.model, self.tp) if self.tp.size > 1 else loss_fn,
             recompute=config.schedule.recompute,
             fail_at=self._fail_at(),
             weight_store=self.weight_store,
         )
+
+    def _norm_params(self, named) -> list[torch.nn.Parameter]:
+        """The parameters whose squares this rank adds to the global norm: each counted once.
+
+        dp replicas hold equal gradients (dp rank 0 counts); replicated tensor-parallel
+        parameters are equal on every tp rank (tp rank 0 counts); the head's copy of a tied
+        matrix duplicates the embedding's (the embedding counts).
+        """
+        if self.grid.dp_rank > 0:
+            return []
+        skip = (
+            tied.separate_head_copy(self.stages, self.plan.model.num_layers) if self.tie else set()
+        )
+        keep = []
+        for name, p in named:
+            replicated = name not in self.tp_specs
+            if id(p) in skip or (replicated and self.grid.tp_rank > 0):
+                continue
+            keep.append(p)
+        return keep
 
     def _fail_at(self) -> str | None:
         """This rank's part of debug.fail_at = "WORLD_RANK:STEP:ACTION"."""
@@ -136,6 +162,8 @@ class PipelineTrainer:
         stages = {}
         for s in range(self.pp_rank, self.plan.num_stages, self.config.parallel.pp):
             stage = Stage(self.plan.model, self.plan.partition.layers(s), self.config.train.seed)
+            if self.tp.size > 1:
+                self.tp_specs.update(parallelize_stage(stage, self.plan.model, self.tp))
             stages[s] = stage.to(device=self.device, dtype=self.dtype)
         return stages
 
@@ -158,6 +186,8 @@ class PipelineTrainer:
         if self.sampler is None:
             return [(None, None)] * M
         starts = self.sampler.next_starts()
+        share = len(starts) // self.config.parallel.dp  # this replica's slice of the batch
+        starts = starts[self.grid.dp_rank * share : (self.grid.dp_rank + 1) * share]
         inputs, targets = data.make_batch(self.tokens, starts, self.config.model.seq_len)
         return data.split_microbatches(inputs, targets, M)
 
@@ -165,7 +195,9 @@ class PipelineTrainer:
         """Run the schedule once: gradients of this step are accumulated in .grad."""
         for p in self.params:
             p.grad = None
+        self.reducer.start_step()
         result = self.runtime.step(self.next_microbatches())
+        result.wait_seconds += self.reducer.finish()
         result.wait_seconds += tied.sum_tied_grads(
             self.tied, self.grid.embedding_comm, self.config.parallel.timeout
         )
@@ -174,8 +206,11 @@ class PipelineTrainer:
     def finish_step(self, result: StepResult) -> dict:
         """Global norm, clipping, LR, AdamW; returns the step's loss, norm and lr."""
         t = self.config.train
+        # The loss lives on the last stage, the same on every tp rank: tp rank 0 reports it.
+        loss = result.loss if self.grid.tp_rank == 0 else 0.0
         totals = torch.tensor(
-            [optim.grad_square_sum(self.norm_params), result.loss], dtype=torch.float64
+            [optim.grad_square_sum(self.norm_params), loss / self.config.parallel.dp],
+            dtype=torch.float64,
         )
         waited = allreduce_(self.grid.cart, totals, timeout=self.config.parallel.timeout)
         grad_norm = float(totals[0]) ** 0.5
@@ -221,6 +256,17 @@ def pick_device(config: Config, comm) -> str:
     local_rank = node.Get_rank()
     node.Free()
     return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
+def deferred_parameters(stages: dict) -> list[torch.nn.Parameter]:
+    """Parameters whose gradients a split backward computes in W (the Linear layers')."""
+    return [
+        p
+        for stage in stages.values()
+        for module in stage.modules()
+        if getattr(module, "store", None) is not None
+        for p in module.parameters(recurse=False)
+    ]
 
 
 def unique_named_parameters(stages: dict) -> list[tuple[str, torch.nn.Parameter]]:

@@ -20,6 +20,8 @@ class WeightGradStore:
     def __init__(self):
         self.capturing = False
         self.pending: list[Callable[[], None]] = []
+        # Told about every parameter a W accumulates into (data parallelism's readiness hook).
+        self.on_accumulate: Callable[[nn.Parameter], None] | None = None
 
     def begin(self) -> None:
         """Start capturing: Linear backwards queue their weight gradients instead."""
@@ -63,12 +65,17 @@ class _LinearFn(torch.autograd.Function):
             return dw, db
 
         if ctx.store.capturing:
+            store = ctx.store
 
             def deferred():
                 dw, db = weight_grads()
                 _accumulate(weight_param, dw)
                 if db is not None:
                     _accumulate(bias_param, db)
+                if store.on_accumulate is not None:
+                    store.on_accumulate(weight_param)
+                    if db is not None:
+                        store.on_accumulate(bias_param)
 
             ctx.store.pending.append(deferred)
             return grad_x, None, None, None
@@ -86,11 +93,17 @@ class DeferrableLinear(nn.Linear):
 
 
 def enable_split_backward(module: nn.Module, store: WeightGradStore) -> int:
-    """Turn every nn.Linear inside `module` into a DeferrableLinear in place; return the count."""
+    """Defer the weight gradients of every Linear inside `module`; return how many.
+
+    Plain nn.Linear becomes a DeferrableLinear; layers that already know how (the
+    tensor-parallel ones, `supports_split_backward`) are just given the store.
+    """
     count = 0
     for child in module.modules():
         if type(child) is nn.Linear:
             child.__class__ = DeferrableLinear
-            child.store = store
-            count += 1
+        elif not getattr(child, "supports_split_backward", False):
+            continue
+        child.store = store
+        count += 1
     return count

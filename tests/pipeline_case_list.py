@@ -1,18 +1,46 @@
-"""The pipeline cases every MPI world size runs (shared by the driver and the pytest file)."""
+"""The cases each MPI world size runs (shared by the driver and the pytest files)."""
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2)]
+# (dp, pp, tp) layouts beyond the pure pipeline, by world size.
+LAYOUTS_3D = {2: [(2, 1, 1), (1, 1, 2)], 4: [(2, 2, 1), (1, 2, 2), (2, 1, 2)], 8: [(2, 2, 2)]}
+
+
+def case(name, V, M, recompute=False, layout=None, tie=True, dtype="float64"):
+    return {"schedule": name, "virtual": V, "microbatches": M, "recompute": recompute,
+            "layout": list(layout), "tie": tie, "dtype": dtype}  # fmt: skip
+
+
+def pipeline_cases(world: int) -> list[dict]:
+    """Pure pipeline (pp = world): every schedule over several M, +/- recompute."""
+    out = []
+    for name, V in SCHEDULES:
+        Ms = {1, 3, world, 2 * world} if name == "interleaved" else {1, 3, world, 2 * world + 1}
+        for M in sorted(Ms):
+            for recompute in (False, True):
+                out.append(case(name, V, M, recompute, (1, world, 1)))
+    return out
+
+
+def layout_cases(world: int) -> list[dict]:
+    """3D layouts: every schedule, tied and untied embeddings."""
+    out = []
+    for layout in LAYOUTS_3D.get(world, []):
+        for name, V in SCHEDULES:
+            for tie in (True, False):
+                out.append(case(name, V, 3, False, layout, tie))
+    return out
+
+
+def bf16_cases(world: int) -> list[dict]:
+    """bfloat16 with dp = tp = 2: the dp reduction must equal the same sums done in float32."""
+    return [case("1f1b", 1, 2, False, (2, 1, 2), True, "bfloat16")] if world == 4 else []
 
 
 def cases(world: int) -> list[dict]:
-    """Every schedule over several M (including M < K and M not a multiple of K), +/- recompute."""
-    out = []
-    for name, V, Ms in [
-        ("gpipe", 1, {1, 3, world, 2 * world + 1}),
-        ("1f1b", 1, {1, 3, world, 2 * world + 1}),
-        ("zb-h1", 1, {1, 3, world, 2 * world + 1}),
-        ("interleaved", 2, {1, 3, world, 2 * world}),
-    ]:
-        for M in sorted(Ms):
-            for recompute in (False, True):
-                out.append(
-                    {"schedule": name, "virtual": V, "microbatches": M, "recompute": recompute}
-                )
-    return out
+    return pipeline_cases(world) + layout_cases(world)
+
+
+def case_id(c: dict) -> str:
+    dp, pp, tp = c["layout"]
+    return (f"dp{dp}pp{pp}tp{tp}-{c['schedule']}-V{c['virtual']}-M{c['microbatches']}"
+            f"{'-recompute' * c['recompute']}{'' if c['tie'] else '-untied'}")  # fmt: skip

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from mpi4py import MPI
-from pipeline_case_list import cases
+from pipeline_case_list import bf16_cases, cases
 
 from hpcpipe import data
 from hpcpipe.config import build_config
@@ -28,18 +28,30 @@ STEPS = 3
 TINY = {"n_layers": 2, "d_model": 16, "n_heads": 2, "seq_len": 8, "vocab_size": 256}
 
 
-def case_config(world: int, case: dict):
+def case_config(case: dict):
     M, V = case["microbatches"], case["virtual"]
+    dp, pp, tp = case["layout"]
     return build_config(
         {
-            "model": {**TINY, "n_layers": max(TINY["n_layers"], world * V)},
-            "train": {"global_batch": 2 * M, "steps": STEPS, "dtype": "float64", "lr": 1e-2,
-                      "warmup_steps": 1, "grad_clip": 0.5, "seed": 7},
-            "parallel": {"pp": world, "timeout": 20},
+            "model": {**TINY, "n_layers": max(TINY["n_layers"], pp * V),
+                      "tie_embeddings": case["tie"]},
+            "train": {"global_batch": 2 * M * dp, "steps": STEPS, "dtype": case["dtype"],
+                      "lr": 1e-2, "warmup_steps": 1, "grad_clip": 0.5, "seed": 7},
+            "parallel": {"dp": dp, "pp": pp, "tp": tp, "timeout": 60},
             "schedule": {"name": case["schedule"], "microbatches": M, "virtual": V,
                          "recompute": case["recompute"]},
         }
     )  # fmt: skip
+
+
+def local_piece(trainer, name: str, local: torch.Tensor, full: torch.Tensor):
+    """(this rank's tensor, the matching slice of the serial one), padding rows dropped."""
+    spec = trainer.tp_specs.get(name)
+    if spec is None:
+        return local, full
+    dim, offset, size = spec
+    length = min(local.shape[dim], size - offset)
+    return local.narrow(dim, 0, length), full.narrow(dim, offset, length)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,12 +62,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run_case(comm, world: int, case: dict, tokens) -> dict:
     """Train STEPS steps both ways; return this rank's worst differences."""
-    config = case_config(world, case)
-    grid = Grid(comm, Topology(1, world, 1))
+    config = case_config(case)
+    dp, pp, tp = case["layout"]
+    grid = Grid(comm, Topology(dp, pp, tp))
     plan = make_plan(config, world)
     trainer = PipelineTrainer(config, grid, plan, tokens=tokens)
     oracle = SerialTrainer(config, tokens=tokens)
-    bound = validate(plan.schedule, world, case["microbatches"], case["virtual"])
+    bound = validate(plan.schedule, pp, case["microbatches"], case["virtual"])
     worst = {"loss": 0.0, "grad": 0.0, "param": 0.0, "peak": [], "bound": 0}
     worst["bound"] = bound.peak_activations[grid.pp_rank]
     for _ in range(STEPS):
@@ -63,7 +76,8 @@ def run_case(comm, world: int, case: dict, tokens) -> dict:
         ref_loss = oracle.forward_backward()
         ref_grads = oracle.grads()
         for name, p in local_params(trainer):
-            worst["grad"] = max(worst["grad"], rel(p.grad, ref_grads[name]))
+            mine, ref = local_piece(trainer, name, p.grad, ref_grads[name])
+            worst["grad"] = max(worst["grad"], rel(mine, ref))
         record = trainer.finish_step(result)
         ref_norm = oracle.finish_step()
         worst["clipped"] = worst.get("clipped", False) or ref_norm > config.train.grad_clip
@@ -72,7 +86,8 @@ def run_case(comm, world: int, case: dict, tokens) -> dict:
         worst["peak"].append(result.peak_activations)
     ref_params = oracle.params()
     for name, p in local_params(trainer):
-        worst["param"] = max(worst["param"], rel(p.detach(), ref_params[name]))
+        mine, ref = local_piece(trainer, name, p.detach(), ref_params[name])
+        worst["param"] = max(worst["param"], rel(mine, ref))
     grid.free()
     return worst
 
@@ -83,14 +98,38 @@ def local_params(trainer: PipelineTrainer):
     return [kv for stage in stages for kv in stage.named_parameters(remove_duplicate=False)]
 
 
+def bf16_reduction_case(comm, case: dict, tokens) -> dict:
+    """dp-reduced bf16 gradients equal float32 sums of the same local gradients, rounded once."""
+    config = case_config(case)
+    dp, pp, tp = case["layout"]
+    grid = Grid(comm, Topology(dp, pp, tp))
+    trainer = PipelineTrainer(config, grid, make_plan(config, comm.Get_size()), tokens=tokens)
+    trainer.reducer.start_step()
+    trainer.runtime.step(trainer.next_microbatches())
+    local = [p.grad.float().clone() for p in trainer.params]  # before the dp reduction
+    trainer.reducer.finish()
+    equal = True
+    for p, mine in zip(trainer.params, local, strict=True):
+        wide = mine.numpy().copy()
+        grid.dp_comm.Allreduce(MPI.IN_PLACE, [wide, MPI.FLOAT], op=MPI.SUM)
+        expected = (torch.from_numpy(wide) * (1.0 / dp)).to(torch.bfloat16)
+        equal &= torch.equal(p.grad, expected)
+    grid.free()
+    return {"bf16_equal": bool(equal), "loss": 0.0, "grad": 0.0, "param": 0.0, "norm": 0.0,
+            "clipped": True, "peak": [0], "bound": 0}  # fmt: skip
+
+
 def main() -> None:
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
     world = comm.Get_size()
     tokens = data.load_tokens(None, max_bytes=64 * 1024)
     results = []
-    for case in cases(world):
-        mine = run_case(comm, world, case, tokens)
+    for case in cases(world) + bf16_cases(world):
+        if case["dtype"] == "bfloat16":
+            mine = bf16_reduction_case(comm, case, tokens)
+        else:
+            mine = run_case(comm, world, case, tokens)
         gathered = comm.gather(mine, root=0)
         if comm.Get_rank() == 0:
             results.append(
@@ -104,6 +143,7 @@ def main() -> None:
                     "clipped": gathered[0]["clipped"],
                     "peak_per_rank": [max(g["peak"]) for g in gathered],
                     "schedule_peak_per_rank": [g["bound"] for g in gathered],
+                    "bf16_equal": all(g.get("bf16_equal", True) for g in gathered),
                 }
             )
     if comm.Get_rank() == 0:
