@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import config as cfg
 from . import data
+from .ckpt_cli import add_ckpt_parser
 
 
 def _train_parser(sub) -> None:
@@ -28,6 +29,12 @@ def _train_parser(sub) -> None:
         "--trace",
         help="time every action of the last step on every rank; write one Chrome/Perfetto "
         "trace (open in ui.perfetto.dev or chrome://tracing) with the measured bubble",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue from a checkpoint: `auto` = the newest valid one in checkpoint.dir "
+        "(falls back past damaged ones with a warning), or a step folder / run folder",
     )
     for flag, dotted in cfg.SHORT_FLAGS.items():
         p.add_argument(f"--{flag}", dest=f"short_{flag}", metavar="VALUE", help=f"= --{dotted}")
@@ -79,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _schedule_parser(sub)
     _topology_parser(sub)
     data.add_data_parser(sub)
+    add_ckpt_parser(sub)
     return parser
 
 
@@ -130,7 +138,7 @@ def run_train(args) -> int:
         _report(f"hpcpipe: configuration error (rank {rank}): {exc}")
         return 2
     try:
-        train(config, comm, metrics_path=args.metrics, trace_path=args.trace)
+        train(config, comm, args.metrics, trace_path=args.trace, resume=args.resume)
     except BaseException as exc:  # noqa: BLE001 - any failure must bring the whole job down
         _report(f"hpcpipe: world rank {rank} failed: {exc}\n{traceback.format_exc()}")
         comm.Abort(1)

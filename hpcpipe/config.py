@@ -40,6 +40,9 @@ class TrainSection:
     threads: int = 1
     device: str = "cpu"  # cpu | cuda | auto (cuda when available); one GPU per rank on a node
     log_every: int = 1
+    # Stop (after checkpointing) once the step count is a multiple of this, like Megatron's
+    # --exit-interval: splits a long run over several allocations. 0 = run to train.steps.
+    exit_interval: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,14 @@ class DataSection:
 
 
 @dataclass(frozen=True)
+class CheckpointSection:
+    dir: str = "checkpoints/run"  # this run's folder: step_<N>/ shards, manifest, `latest`
+    every: int = 0  # save every N optimizer steps (0: never periodically)
+    keep: int = 3  # newest checkpoints kept; older ones are pruned after a successful save
+    at_end: bool = False  # also save after the last step
+
+
+@dataclass(frozen=True)
 class DebugSection:
     # Fault injection for tests: "RANK:STEP:ACTION" raises on that world rank at that action.
     fail_at: str = ""
@@ -80,6 +91,7 @@ class Config:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     debug: DebugSection = field(default_factory=DebugSection)
 
 
@@ -103,6 +115,7 @@ _SECTIONS = {
     "parallel": ParallelSection,
     "schedule": ScheduleSection,
     "data": DataSection,
+    "checkpoint": CheckpointSection,
     "debug": DebugSection,
 }
 
@@ -240,6 +253,10 @@ def check_config(config: Config) -> None:
         t.device in ("cpu", "cuda", "auto"),
         f"train.device={t.device!r} must be cpu, cuda or auto",
     )
+    _require(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (got {t.exit_interval})")
+    c = config.checkpoint
+    _require(c.every >= 0, f"checkpoint.every must be >= 0 steps (got {c.every})")
+    _require(c.keep >= 1, f"checkpoint.keep must be >= 1 (got {c.keep})")
     _require(t.threads >= 1, f"train.threads must be >= 1 (got {t.threads})")
     _require(p.timeout > 0, f"parallel.timeout must be > 0 seconds (got {p.timeout})")
     _require(

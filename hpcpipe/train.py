@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import data, optim, tied
+from . import checkpoint, data, optim, tied, train_state
 from . import trace as tracing
 from .config import Config, ConfigError, check_world
 from .data_parallel import GradReducer
@@ -318,48 +319,90 @@ def trace_step(trainer: PipelineTrainer, path: str) -> dict:
     return record
 
 
+def resume_point(config: Config, comm, resume: str | None, echo) -> str | None:
+    """The checkpoint to start from: --resume PATH, or the newest valid one for `auto`."""
+    if not resume:
+        return None
+    if resume != "auto":
+        return resume
+    found = None
+    if comm.Get_rank() == 0:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = checkpoint.find_latest_valid(config.checkpoint.dir)
+        for warning in caught:
+            echo(f"hpcpipe: warning: {warning.message}")
+        if found is None:
+            echo(f"hpcpipe: no valid checkpoint in {config.checkpoint.dir}; starting at step 0")
+    found = comm.bcast(str(found) if found else None, root=0)
+    return found
+
+
 def train(
     config: Config,
     comm,
     metrics_path: str | None = None,
     echo=print,
     trace_path: str | None = None,
+    resume: str | None = None,
 ) -> list[dict]:
-    """Train for config.train.steps steps on `comm`; rank 0 prints and writes metrics.
+    """Train until config.train.steps; rank 0 prints and writes metrics.
 
     With trace_path, the last step is traced (every action's start and end on every rank).
+    resume: None, "auto" (newest valid checkpoint in checkpoint.dir) or a checkpoint path.
     """
     plan = make_plan(config, comm.Get_size())
     torch.set_num_threads(config.train.threads)
-    grid = Grid(
-        comm,
-        Topology.parse(
-            config.parallel.dp, config.parallel.pp, config.parallel.tp, config.parallel.order
-        ),
-    )
+    p = config.parallel
+    grid = Grid(comm, Topology.parse(p.dp, p.pp, p.tp, p.order))
     trainer = PipelineTrainer(config, grid, plan, device=pick_device(config, comm))
     leader = grid.world_rank == 0
     if leader:
         echo(describe_run(config, plan, comm.Get_size()))
-    sink = open(metrics_path, "w") if leader and metrics_path else None  # noqa: SIM115
+    start = resume_point(config, comm, resume, echo if leader else lambda _: None)
+    if start:
+        meta = train_state.restore(trainer, start)
+        if leader:
+            changed = train_state.check_layout_change(meta, config)
+            moved = f" onto a new layout ({', '.join(changed)})" if changed else ""
+            echo(f"hpcpipe: resumed from {start} at step {trainer.step_index}{moved}")
+    mode = "a" if start else "w"
+    sink = open(metrics_path, mode) if leader and metrics_path else None  # noqa: SIM115
     records = []
     try:
-        for index in range(config.train.steps):
-            if trace_path and index == config.train.steps - 1:
-                record = trace_step(trainer, trace_path)
-            else:
-                record = trainer.train_step()
+        while trainer.step_index < config.train.steps:
+            last = trainer.step_index == config.train.steps - 1
+            record = (
+                trace_step(trainer, trace_path) if trace_path and last else trainer.train_step()
+            )
             records.append(record)
             if leader and record["step"] % config.train.log_every == 0:
                 echo(format_record(record, config.train.steps))
             if sink:
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
+            interval = config.train.exit_interval
+            stop = bool(interval) and trainer.step_index % interval == 0 and not last
+            maybe_save(trainer, last or stop, echo if leader else None, force=stop)
+            if stop:
+                if leader:
+                    echo(f"hpcpipe: exit_interval reached at step {trainer.step_index}")
+                break
     finally:
         if sink:
             sink.close()
     grid.free()
     return records
+
+
+def maybe_save(trainer: PipelineTrainer, last: bool, echo, force: bool = False) -> None:
+    """Checkpoint every checkpoint.every steps, after the last if checkpoint.at_end, or now."""
+    c = trainer.config.checkpoint
+    periodic = c.every and trainer.step_index % c.every == 0
+    if force or periodic or (last and c.at_end):
+        path = train_state.save(trainer, c.dir)
+        if echo:
+            echo(f"hpcpipe: checkpoint {path}")
 
 
 def format_record(record: dict, steps: int) -> str:

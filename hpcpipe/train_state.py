@@ -1,0 +1,153 @@
+"""A trainer's state as checkpoint shards keyed by GLOBAL names, and back onto any layout.
+
+Parameters and AdamW moments are saved under the parameter's global name (moments prefixed
+`optim.exp_avg/`, `optim.exp_avg_sq/`, `optim.step/`), with the slice a tensor-parallel rank
+holds. A tied head copy is never saved: it is the embedding's matrix, and it loads from there.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import torch
+
+from . import config as cfg
+from .checkpoint import Shard, load_checkpoint, save_checkpoint
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def canonical_name(trainer, name: str) -> str:
+    """The name a tied head copy is stored under (the embedding's)."""
+    head = f"layers.{trainer.plan.model.num_layers - 1}.lm_head.weight"
+    return "layers.0.tok.weight" if trainer.tie and name == head else name
+
+
+def _placement(trainer, name: str, tensor: torch.Tensor):
+    """(global shape, offsets, real local shape) of a local tensor; drops vocabulary padding."""
+    spec = trainer.tp_specs.get(name)
+    shape = list(tensor.shape)
+    offsets = [0] * tensor.dim()
+    if spec is None:
+        return tuple(shape), tuple(offsets), tuple(shape)
+    dim, offset, size = spec
+    local = list(shape)
+    local[dim] = max(0, min(shape[dim], size - offset))
+    shape[dim], offsets[dim] = size, offset
+    return tuple(shape), tuple(offsets), tuple(local)
+
+
+def _trim(tensor: torch.Tensor, local_shape) -> torch.Tensor:
+    """The real (unpadded) rows of a local tensor."""
+    for dim, n in enumerate(local_shape):
+        tensor = tensor.narrow(dim, 0, n)
+    return tensor
+
+
+def _saved_params(trainer):
+    """(name, parameter) pairs this rank writes: no tied head copies."""
+    return [(n, p) for n, p in trainer.named_params if canonical_name(trainer, n) == n]
+
+
+def shards(trainer) -> list[Shard]:
+    """Every tensor this rank contributes: parameters, AdamW moments and step counts."""
+    out = []
+    for name, p in _saved_params(trainer):
+        gshape, offsets, local = _placement(trainer, name, p)
+        out.append(Shard(name, _trim(p.detach(), local), gshape, offsets))
+        state = trainer.optimizer.state.get(p, {})
+        for moment in MOMENTS:
+            if moment in state:
+                value = _trim(state[moment], local)
+                out.append(Shard(f"optim.{moment}/{name}", value, gshape, offsets))
+        if "step" in state:
+            out.append(Shard(f"optim.step/{name}", state["step"].reshape(()), (), ()))
+    return out
+
+
+def manifest(trainer) -> dict:
+    """What a restart needs besides tensors (the checkpoint adds checksums and layout)."""
+    comm = trainer.grid.cart
+    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+    sampler = trainer.sampler.state_dict() if trainer.sampler is not None else None
+    gathered = comm.allgather({"rng": rng, "sampler": sampler})
+    sampler = next(g["sampler"] for g in gathered if g["sampler"] is not None)
+    p = trainer.config.parallel
+    return {
+        "config": cfg.to_dict(trainer.config),
+        "layout": {"dp": p.dp, "pp": p.pp, "tp": p.tp, "order": p.order,
+                   "schedule": trainer.config.schedule.name,
+                   "virtual": trainer.config.schedule.virtual,
+                   "partition": [list(b) for b in trainer.plan.partition.bounds]},
+        "sampler": sampler,
+        "lr_schedule": {"step": trainer.step_index},
+        "rng": [g["rng"] for g in gathered],
+    }  # fmt: skip
+
+
+def save(trainer, root) -> str:
+    """Collective: write this step's checkpoint under root; return the step directory."""
+    g = trainer.grid
+    path = save_checkpoint(
+        root,
+        trainer.step_index,
+        g.cart,
+        shards(trainer),
+        writer=g.dp_rank == 0,
+        position=f"pp{g.pp_rank}_tp{g.tp_rank}",
+        manifest=manifest(trainer),
+        keep=trainer.config.checkpoint.keep,
+        timeout=trainer.config.parallel.timeout,
+    )
+    return str(path)
+
+
+def _wanted(trainer) -> list[tuple]:
+    """(stored name, global shape, offsets, local shape) for every tensor this rank needs."""
+    wanted = {}
+    for name, p in trainer.named_params:
+        stored = canonical_name(trainer, name)
+        gshape, offsets, local = _placement(trainer, name, p)
+        wanted[stored] = (stored, gshape, offsets, local)
+        for moment in MOMENTS:
+            key = f"optim.{moment}/{stored}"
+            wanted[key] = (key, gshape, offsets, local)
+        wanted[f"optim.step/{stored}"] = (f"optim.step/{stored}", (), (), ())
+    return list(wanted.values())
+
+
+def restore(trainer, path) -> dict:
+    """Load parameters, AdamW state, sampler position and step from any layout's checkpoint."""
+    meta, tensors = load_checkpoint(path, _wanted(trainer))
+    with torch.no_grad():
+        for name, p in trainer.named_params:
+            stored = canonical_name(trainer, name)
+            _, _, local = _placement(trainer, name, p)
+            _trim(p, local).copy_(tensors[stored])
+            trainer.optimizer.state[p] = _optim_state(p, tensors, stored, local)
+    trainer.step_index = meta["lr_schedule"]["step"]
+    if trainer.sampler is not None:
+        trainer.sampler.load_state_dict(meta["sampler"])
+    rngs = meta.get("rng") or []
+    if trainer.grid.world_rank < len(rngs):
+        raw = base64.b64decode(rngs[trainer.grid.world_rank])
+        torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    return meta
+
+
+def _optim_state(p, tensors: dict, stored: str, local) -> dict:
+    """AdamW's per-parameter state rebuilt in the parameter's own dtype and shape."""
+    state = {"step": tensors[f"optim.step/{stored}"].to(torch.float32).reshape(())}
+    for moment in MOMENTS:
+        value = torch.zeros_like(p)
+        _trim(value, local).copy_(tensors[f"optim.{moment}/{stored}"])
+        state[moment] = value
+    return state
+
+
+def check_layout_change(saved: dict, config) -> list[str]:
+    """Human-readable differences between the saved layout and this run's (for the log)."""
+    now = {"dp": config.parallel.dp, "pp": config.parallel.pp, "tp": config.parallel.tp,
+           "schedule": config.schedule.name, "virtual": config.schedule.virtual}  # fmt: skip
+    layout = saved.get("layout", {})
+    return [f"{k} {layout.get(k)} -> {v}" for k, v in now.items() if layout.get(k) != v]
