@@ -123,3 +123,19 @@ def test_trace_of_a_zero_bubble_run_and_prediction(tmp_path):
     predicted = json.loads(fit.stdout)
     assert predicted["M"] == 8 and predicted["step_time"] > 0
     assert predicted["measured"]["schedule"] == "zb-h1"
+
+
+def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["-m", "hpcpipe", "train", "--pp", "2", *TINY, f"--checkpoint.dir={run_dir}"]
+    first = run_mpi(2, [*args, "--steps", "4", "--checkpoint.every=2"], timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (run_dir / "latest").read_text().strip() == "step_4"
+    shard = run_dir / "step_4" / "pp1_tp0.h5"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a torn write
+    again = run_mpi(2, [*args, "--steps", "5", "--resume", "auto"], timeout=300)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output
+    assert "warning" in output and "step_4" in output
+    assert "resumed from" in output and "step_2 at step 2" in output
+    assert again.stdout.count("step ") >= 3  # steps 3, 4 and 5 ran again

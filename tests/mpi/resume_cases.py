@@ -1,0 +1,95 @@
+"""Save at step k on pp=4, resume on other layouts: losses equal an uninterrupted run.
+
+Usage: mpiexec -n 4 python -m mpi4py tests/mpi/resume_cases.py WORKDIR OUT.json
+Smaller layouts run on sub-communicators of the same launch (one start-up for all of them).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from mpi4py import MPI
+
+from hpcpipe import data, train_state
+from hpcpipe.config import build_config
+from hpcpipe.grid import Grid, Topology
+from hpcpipe.train import PipelineTrainer, make_plan
+
+STEPS, SAVE_AT = 6, 3
+TINY = {"n_layers": 4, "d_model": 16, "n_heads": 2, "seq_len": 8}
+# (dp, pp, tp, schedule) to resume on; pp=3 splits the 6 layers unevenly by cost.
+LAYOUTS = [(1, 4, 1, "1f1b"), (1, 2, 1, "gpipe"), (1, 3, 1, "zb-h1"), (1, 1, 1, "1f1b"),
+           (1, 2, 2, "1f1b"), (2, 2, 1, "interleaved"), (2, 1, 2, "gpipe")]  # fmt: skip
+
+
+def config(dp, pp, tp, schedule, dtype, ckpt_dir):
+    return build_config(
+        {
+            "model": TINY,
+            "train": {"global_batch": 8, "steps": STEPS, "dtype": dtype, "lr": 1e-2,
+                      "warmup_steps": 1, "seed": 11},
+            "parallel": {"dp": dp, "pp": pp, "tp": tp, "timeout": 60},
+            "schedule": {"name": schedule, "microbatches": 2,
+                         "virtual": 2 if schedule == "interleaved" else 1},
+            "checkpoint": {"dir": str(ckpt_dir), "keep": 2},
+        }
+    )  # fmt: skip
+
+
+def trainer_on(comm, cfg, tokens):
+    p = cfg.parallel
+    grid = Grid(comm, Topology(p.dp, p.pp, p.tp))
+    return PipelineTrainer(cfg, grid, make_plan(cfg, comm.Get_size()), tokens=tokens)
+
+
+def run(trainer, until):
+    """Losses of the steps up to `until` (every rank gets the same numbers)."""
+    losses = []
+    while trainer.step_index < until:
+        losses.append(trainer.train_step()["loss"])
+    return losses
+
+
+def params_of(trainer) -> dict:
+    return {n: p.detach().clone() for n, p in trainer.named_params}
+
+
+def main():
+    torch.set_num_threads(1)
+    world = MPI.COMM_WORLD
+    workdir, out = Path(sys.argv[1]), sys.argv[2]
+    tokens = data.load_tokens(None, max_bytes=32 * 1024)
+    results = {}
+    for dtype in ("float64", "float32"):
+        ckpt = workdir / f"run-{dtype}"
+        base = trainer_on(world, config(1, 4, 1, "1f1b", dtype, ckpt), tokens)
+        reference = run(base, STEPS)
+        final = params_of(base)
+        first = trainer_on(world, config(1, 4, 1, "1f1b", dtype, ckpt), tokens)
+        run(first, SAVE_AT)
+        train_state.save(first, ckpt)
+        for dp, pp, tp, schedule in LAYOUTS if dtype == "float64" else LAYOUTS[:1]:
+            size = dp * pp * tp
+            sub = world.Split(0 if world.Get_rank() < size else MPI.UNDEFINED, world.Get_rank())
+            if sub != MPI.COMM_NULL:
+                trainer = trainer_on(sub, config(dp, pp, tp, schedule, dtype, ckpt), tokens)
+                train_state.restore(trainer, ckpt)
+                resumed = run(trainer, STEPS)
+                same_params = dtype == "float32" and all(
+                    torch.equal(p, final[n]) for n, p in params_of(trainer).items()
+                )
+                key = f"{dtype}-dp{dp}pp{pp}tp{tp}-{schedule}"
+                if sub.Get_rank() == 0:
+                    results[key] = {"reference": reference[SAVE_AT:], "resumed": resumed,
+                                    "bitwise_params": same_params}  # fmt: skip
+                sub.Free()
+            world.Barrier()
+    if world.Get_rank() == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
