@@ -162,12 +162,44 @@ def run_schedule(args) -> int:
     return 0
 
 
+def _launched_by_mpi() -> bool:
+    """True under mpiexec/srun with more than one rank (no MPI import needed to tell)."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
+        if int(os.environ.get(var, "1") or 1) > 1:
+            return True
+    return False
+
+
 def run_topology(args) -> int:
-    """Print world rank -> coordinates (and host, under mpiexec with as many ranks)."""
+    """Print world rank -> coordinates; under mpiexec, with each rank's host."""
     from .grid import Topology
 
-    topology = Topology.parse(args.dp, args.pp, args.tp, args.order)
-    print(topology.describe())
+    try:
+        topology = Topology.parse(args.dp, args.pp, args.tp, args.order)
+    except ValueError as exc:
+        _report(f"hpcpipe topology: {exc}")
+        return 2
+    if not _launched_by_mpi():
+        print(topology.describe())
+        return 0
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != topology.size:
+        if comm.Get_rank() == 0:
+            _report(
+                f"hpcpipe topology: dp={args.dp} x pp={args.pp} x tp={args.tp} = "
+                f"{topology.size} ranks, but mpiexec started {comm.Get_size()}"
+            )
+        return 2
+    hosts = comm.gather(MPI.Get_processor_name(), root=0)
+    if comm.Get_rank() == 0:
+        print(topology.describe(hosts))
+        tp_hosts = {tuple(sorted({hosts[r] for r in topology.axis_group(g, "tp")}))
+                    for g in range(topology.size)}  # fmt: skip
+        if any(len(h) > 1 for h in tp_hosts):
+            print("warning: some tp groups span several hosts; put tp innermost "
+                  "(--order dp,pp,tp) and keep tp <= GPUs per node")  # fmt: skip
     return 0
 
 

@@ -139,3 +139,13 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path):
     assert "warning" in output and "step_4" in output
     assert "resumed from" in output and "step_2 at step 2" in output
     assert again.stdout.count("step ") >= 3  # steps 3, 4 and 5 ran again
+
+
+def test_topology_under_mpiexec_names_hosts():
+    proc = run_mpi(4, ["-m", "hpcpipe", "topology", "--dp", "2", "--pp", "2"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split() == ["world_rank", "dp", "pp", "tp", "host"]
+    rows = [line.split()[:4] for line in lines[1:5]]
+    assert rows == [["0", "0", "0", "0"], ["1", "0", "1", "0"], ["2", "1", "0", "0"],
+                    ["3", "1", "1", "0"]]  # fmt: skip
