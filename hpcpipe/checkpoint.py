@@ -181,8 +181,13 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_shard_file(directory: str | Path, position: str, shards: list[Shard]) -> list[dict]:
-    """Write <directory>/<position>.h5 (flushed, fsynced); return the pieces' manifest records."""
+def write_shard_file(
+    directory: str | Path, position: str, shards: list[Shard], on_dataset=None
+) -> list[dict]:
+    """Write <directory>/<position>.h5 (flushed, fsynced); return the pieces' manifest records.
+
+    on_dataset(name) runs after each dataset (fault injection: die in the middle of a write).
+    """
     if not shards:
         return []  # a position with nothing to save leaves no file
     names = [s.name for s in shards]
@@ -194,7 +199,11 @@ def write_shard_file(directory: str | Path, position: str, shards: list[Shard]) 
     file_name = f"{position}.h5"
     path = Path(directory) / file_name
     with h5py.File(path, "w") as f:
-        records = [_write_dataset(f, shard, file_name) for shard in shards]
+        records = []
+        for shard in shards:
+            records.append(_write_dataset(f, shard, file_name))
+            if on_dataset is not None:
+                on_dataset(shard.name)
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["position"] = position
@@ -649,6 +658,7 @@ def save_checkpoint(
     manifest: dict,
     keep: int = 3,
     timeout: float = 300.0,
+    on_dataset=None,
 ) -> Path:
     """Collective: write root/step_<step>/ atomically; every rank calls it; returns the step dir.
 
@@ -661,7 +671,9 @@ def save_checkpoint(
     _raise_if_failed(_share(comm, error, timeout, "tmp directory ready"), step)
 
     tmp = root / f".tmp_step_{step}"
-    records, error = _attempt(write_shard_file, tmp, position, shards) if writer else ([], None)
+    records, error = (
+        _attempt(write_shard_file, tmp, position, shards, on_dataset) if writer else ([], None)
+    )
     gathered = _gather(comm, (records or [], error), timeout, "shards written")
     error = None
     if leader:

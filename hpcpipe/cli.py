@@ -130,15 +130,24 @@ def run_train(args) -> int:
             if value is not None:
                 overrides[dotted] = value
         config = cfg.load_config(args.config, overrides)
+        from .elastic import replan
+        from .fault import plan_from_env
         from .train import make_plan
 
-        make_plan(config, comm.Get_size())
-    except cfg.ConfigError as exc:
+        plan_from_env()  # a malformed HPCPIPE_FAULT is a configuration error too
+        effective = replan(config, comm.Get_size())[0] if config.parallel.elastic else config
+        e = effective.parallel
+        make_plan(effective, e.dp * e.pp * e.tp if config.parallel.elastic else comm.Get_size())
+    except ValueError as exc:  # ConfigError, and HPCPIPE_FAULT's ValueError
         # Every rank reaches the same verdict from the same inputs, so all exit without waiting.
         _report(f"hpcpipe: configuration error (rank {rank}): {exc}")
         return 2
+    from .fault import EXIT_REQUEUE, Stopped
+
     try:
         train(config, comm, args.metrics, trace_path=args.trace, resume=args.resume)
+    except Stopped:
+        return EXIT_REQUEUE
     except BaseException as exc:  # noqa: BLE001 - any failure must bring the whole job down
         _report(f"hpcpipe: world rank {rank} failed: {exc}\n{traceback.format_exc()}")
         comm.Abort(1)

@@ -54,6 +54,8 @@ class ParallelSection:
     partition: tuple[int, ...] = ()
     balance: str = "params"
     timeout: float = 300.0
+    # Launched on fewer ranks than dp*pp*tp (after a failure): re-plan instead of refusing.
+    elastic: bool = False
 
 
 @dataclass(frozen=True)

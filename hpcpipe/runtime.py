@@ -65,6 +65,8 @@ class PipelineRuntime:
     weight_store: WeightGradStore | None = None  # set: B computes input grads, W weight grads
     step_index: int = 0
     trace: list | None = None  # when a list: (action, start, end) of every action, perf_counter
+    fault_plan: object | None = None  # fault.FaultPlan (HPCPIPE_FAULT) and this rank's world rank
+    world_rank: int = 0
 
     def rank_of(self, stage: int) -> int:
         """Pipeline rank that holds a global stage."""
@@ -259,6 +261,14 @@ class PipelineRuntime:
     def _inject(self, action: Action) -> None:
         if self.fail_at and self.fail_at == f"{self.step_index}:{action}":
             raise RuntimeError(f"injected failure (debug.fail_at) at step {self.step_index}")
+        plan = self.fault_plan
+        if plan is not None:
+            step = self.step_index + 1  # HPCPIPE_FAULT counts steps as printed, from 1
+            first = action is self.actions[0]
+            if plan.fires(self.world_rank, step, str(action)) or (
+                first and plan.fires(self.world_rank, step, None)
+            ):
+                plan.fire()
 
     def _describe_failure(self, index: int, action: Action, exc: Exception) -> str:
         program = " ".join(f"[{a}]" if i == index else str(a) for i, a in enumerate(self.actions))

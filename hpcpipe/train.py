@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, optim, tied, train_state
+from . import checkpoint, data, elastic, fault, optim, tied, train_state
 from . import trace as tracing
 from .config import Config, ConfigError, check_world
 from .data_parallel import GradReducer
@@ -128,7 +128,10 @@ class PipelineTrainer:
             recompute=config.schedule.recompute,
             fail_at=self._fail_at(),
             weight_store=self.weight_store,
+            fault_plan=fault.plan_from_env(),
+            world_rank=grid.world_rank,
         )
+        self.stop_request: fault.StopRequest | None = None
 
     def _norm_params(self, named) -> list[torch.nn.Parameter]:
         """The parameters whose squares this rank adds to the global norm: each counted once.
@@ -196,6 +199,7 @@ class PipelineTrainer:
         """Run the schedule once: gradients of this step are accumulated in .grad."""
         for p in self.params:
             p.grad = None
+        self.runtime.step_index = self.step_index
         self.reducer.start_step()
         result = self.runtime.step(self.next_microbatches())
         result.wait_seconds += self.reducer.finish()
@@ -229,7 +233,8 @@ class PipelineTrainer:
         record = self.finish_step(result)
         elapsed = time.perf_counter() - start
         waited = result.wait_seconds + record.pop("reduce_wait")
-        stats = torch.tensor([waited, elapsed, result.peak_activations], dtype=torch.float64)
+        stop = float(self.stop_request is not None and self.stop_request.signal is not None)
+        stats = torch.tensor([waited, elapsed, result.peak_activations, stop], dtype=torch.float64)
         allreduce_(self.grid.cart, stats, timeout=self.config.parallel.timeout)
         world = self.grid.cart.Get_size()
         step_time = float(stats[1]) / world
@@ -241,6 +246,8 @@ class PipelineTrainer:
             step_time=step_time,
             peak_activations=result.peak_activations,
         )
+        if stats[3] > 0:
+            record["stop_requested"] = True  # some rank got SIGTERM/SIGUSR1: all stop together
         return record
 
 
@@ -350,59 +357,115 @@ def train(
 
     With trace_path, the last step is traced (every action's start and end on every rank).
     resume: None, "auto" (newest valid checkpoint in checkpoint.dir) or a checkpoint path.
+    Raises fault.Stopped after checkpointing when a rank received SIGTERM or SIGUSR1.
     """
+    config, active = elastic_layout(config, comm, echo)
+    if active is None:
+        idle_until_done(comm, config)  # an idle rank of a re-planned layout
+        return []
+    stop = fault.StopRequest().install()
+    try:
+        records = train_on(active, config, metrics_path, echo, trace_path, resume, stop)
+    finally:
+        stop.restore()
+    if active is not comm:
+        active.Free()
+        idle_until_done(comm, config)
+    return records
+
+
+def idle_until_done(comm, config: Config) -> None:
+    """Meet the idle ranks at the end without spinning (MPI_Finalize would busy-wait)."""
+    from .p2p import wait_politely
+
+    # NOTE: an idle rank may wait for the whole run; only a dead job ends it (mpiexec).
+    request = comm.Ibarrier()
+    wait_politely(request, float("inf"), lambda: "unreachable")
+
+
+def elastic_layout(config: Config, comm, echo):
+    """(config, communicator to train on): re-planned for the ranks present when elastic.
+
+    Ranks beyond the new layout get None and sit the run out.
+    """
+    world = comm.Get_size()
+    if not config.parallel.elastic:
+        return config, comm
+    config, note = elastic.replan(config, world)
+    if not note:
+        return config, comm
+    if comm.Get_rank() == 0:
+        echo(f"hpcpipe: {note}")
+    p = config.parallel
+    used = p.dp * p.pp * p.tp
+    if used == world:
+        return config, comm
+    from mpi4py import MPI
+
+    color = 0 if comm.Get_rank() < used else MPI.UNDEFINED
+    active = comm.Split(color, comm.Get_rank())
+    return config, (None if active == MPI.COMM_NULL else active)
+
+
+def train_on(comm, config, metrics_path, echo, trace_path, resume, stop) -> list[dict]:
+    """Build this rank's trainer on `comm`, resume if asked, and run the step loop."""
     plan = make_plan(config, comm.Get_size())
     torch.set_num_threads(config.train.threads)
     p = config.parallel
     grid = Grid(comm, Topology.parse(p.dp, p.pp, p.tp, p.order))
     trainer = PipelineTrainer(config, grid, plan, device=pick_device(config, comm))
+    trainer.stop_request = stop
     leader = grid.world_rank == 0
-    if leader:
-        echo(describe_run(config, plan, comm.Get_size()))
-    start = resume_point(config, comm, resume, echo if leader else lambda _: None)
+    say = echo if leader else (lambda _: None)
+    say(describe_run(config, plan, comm.Get_size()))
+    start = resume_point(config, comm, resume, say)
     if start:
         meta = train_state.restore(trainer, start)
-        if leader:
-            changed = train_state.check_layout_change(meta, config)
-            moved = f" onto a new layout ({', '.join(changed)})" if changed else ""
-            echo(f"hpcpipe: resumed from {start} at step {trainer.step_index}{moved}")
-    mode = "a" if start else "w"
-    sink = open(metrics_path, mode) if leader and metrics_path else None  # noqa: SIM115
-    records = []
+        changed = train_state.check_layout_change(meta, config)
+        moved = f" onto a new layout ({', '.join(changed)})" if changed else ""
+        say(f"hpcpipe: resumed from {start} at step {trainer.step_index}{moved}")
+    sink = open(metrics_path, "a" if start else "w") if leader and metrics_path else None  # noqa: SIM115
     try:
-        while trainer.step_index < config.train.steps:
-            last = trainer.step_index == config.train.steps - 1
-            record = (
-                trace_step(trainer, trace_path) if trace_path and last else trainer.train_step()
-            )
-            records.append(record)
-            if leader and record["step"] % config.train.log_every == 0:
-                echo(format_record(record, config.train.steps))
-            if sink:
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
-            interval = config.train.exit_interval
-            stop = bool(interval) and trainer.step_index % interval == 0 and not last
-            maybe_save(trainer, last or stop, echo if leader else None, force=stop)
-            if stop:
-                if leader:
-                    echo(f"hpcpipe: exit_interval reached at step {trainer.step_index}")
-                break
+        return step_loop(trainer, sink, say, trace_path)
     finally:
         if sink:
             sink.close()
-    grid.free()
+        grid.free()
+
+
+def step_loop(trainer: PipelineTrainer, sink, say, trace_path) -> list[dict]:
+    """Steps until the end, an exit interval, or a stop signal (then checkpoint and raise)."""
+    config, records = trainer.config, []
+    while trainer.step_index < config.train.steps:
+        last = trainer.step_index == config.train.steps - 1
+        record = trace_step(trainer, trace_path) if trace_path and last else trainer.train_step()
+        records.append(record)
+        if record["step"] % config.train.log_every == 0:
+            say(format_record(record, config.train.steps))
+        if sink:
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+        interval = config.train.exit_interval
+        exiting = bool(interval) and trainer.step_index % interval == 0 and not last
+        signalled = record.get("stop_requested", False) and not last
+        maybe_save(trainer, last, say, force=exiting or signalled)
+        if signalled:
+            say(f"hpcpipe: stop signal: checkpointed step {trainer.step_index}; exiting with "
+                f"{fault.EXIT_REQUEUE} (resubmit with --resume auto)")  # fmt: skip
+            raise fault.Stopped(trainer.step_index)
+        if exiting:
+            say(f"hpcpipe: exit_interval reached at step {trainer.step_index}")
+            break
     return records
 
 
-def maybe_save(trainer: PipelineTrainer, last: bool, echo, force: bool = False) -> None:
+def maybe_save(trainer: PipelineTrainer, last: bool, say, force: bool = False) -> None:
     """Checkpoint every checkpoint.every steps, after the last if checkpoint.at_end, or now."""
     c = trainer.config.checkpoint
     periodic = c.every and trainer.step_index % c.every == 0
     if force or periodic or (last and c.at_end):
         path = train_state.save(trainer, c.dir)
-        if echo:
-            echo(f"hpcpipe: checkpoint {path}")
+        say(f"hpcpipe: checkpoint {path}")
 
 
 def format_record(record: dict, steps: int) -> str:

@@ -98,8 +98,17 @@ def save(trainer, root) -> str:
         manifest=manifest(trainer),
         keep=trainer.config.checkpoint.keep,
         timeout=trainer.config.parallel.timeout,
+        on_dataset=_fault_hook(trainer),
     )
     return str(path)
+
+
+def _fault_hook(trainer):
+    """HPCPIPE_FAULT with action=ckpt: die after the first dataset of this step's shard."""
+    plan = trainer.runtime.fault_plan
+    if plan is None or not plan.fires(trainer.grid.world_rank, trainer.step_index, "ckpt"):
+        return None
+    return lambda _name: plan.fire()
 
 
 def _wanted(trainer) -> list[tuple]:
