@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, elastic, fault, optim, tied, train_state
+from . import checkpoint, data, elastic, fault, optim, tied, train_state, ulfm
 from . import trace as tracing
 from .config import Config, ConfigError, check_world
 from .data_parallel import GradReducer
@@ -129,7 +129,7 @@ class PipelineTrainer:
             fail_at=self._fail_at(),
             weight_store=self.weight_store,
             fault_plan=fault.plan_from_env(),
-            world_rank=grid.world_rank,
+            world_rank=launch_rank(),
         )
         self.stop_request: fault.StopRequest | None = None
 
@@ -266,6 +266,13 @@ def pick_device(config: Config, comm) -> str:
     return f"cuda:{local_rank % torch.cuda.device_count()}"
 
 
+def launch_rank() -> int:
+    """This process's rank in the job as launched (stable across ULFM shrinks)."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank()
+
+
 def deferred_parameters(stages: dict) -> list[torch.nn.Parameter]:
     """Parameters whose gradients a split backward computes in W (the Linear layers')."""
     return [
@@ -365,13 +372,61 @@ def train(
         return []
     stop = fault.StopRequest().install()
     try:
-        records = train_on(active, config, metrics_path, echo, trace_path, resume, stop)
+        records = train_recovering(active, config, metrics_path, echo, trace_path, resume, stop)
     finally:
         stop.restore()
     if active is not comm:
-        active.Free()
         idle_until_done(comm, config)
     return records
+
+
+def _mpi_failure(exc: BaseException | None) -> bool:
+    """A process failure reported anywhere in the exception's cause chain (ULFM)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if ulfm.is_process_failure(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def train_recovering(comm, config, metrics_path, echo, trace_path, resume, stop) -> list[dict]:
+    """train_on, and under ULFM: on a rank's death, shrink, re-plan, reload, carry on."""
+    recoverable = ulfm.ulfm_available(comm)
+    holder: dict = {}
+    records: list[dict] = []
+    while True:
+        try:
+            args = (metrics_path, echo, trace_path, resume, stop, holder)
+            records += train_on(comm, config, *args)
+            return records
+        except BaseException as exc:
+            if not (recoverable and _mpi_failure(exc)):
+                raise
+            comm, config = recover(comm, config, holder.get("grid"), echo)
+            resume = "auto"
+
+
+def recover(comm, config: Config, grid, echo):
+    """Revoke everything, shrink to the survivors, agree, re-plan the layout for them."""
+    timeout = config.parallel.timeout
+    held = [comm] + ([grid.cart, grid.embedding_comm, *grid.comms.values()] if grid else [])
+    ulfm.revoke_all(held)
+    survivors, failed = ulfm.shrink(comm, timeout)
+    if ulfm.agree(survivors, 1, timeout) != 1:
+        raise RuntimeError("survivors could not agree to continue after a failure")
+    size = survivors.Get_size()
+    config, note = elastic.replan(config, size)
+    p = config.parallel
+    if survivors.Get_rank() == 0:
+        echo(f"hpcpipe: ULFM: ranks {failed} failed; {size} survivors carry on in this job")
+        if note:
+            echo(f"hpcpipe: {note}")
+    if p.dp * p.pp * p.tp != size:
+        # NOTE: continuing on a sub-communicator would leave ranks idle; restart instead.
+        raise RuntimeError(f"no layout uses exactly the {size} survivors; relaunch the job")
+    return survivors, config
 
 
 def idle_until_done(comm, config: Config) -> None:
@@ -407,12 +462,17 @@ def elastic_layout(config: Config, comm, echo):
     return config, (None if active == MPI.COMM_NULL else active)
 
 
-def train_on(comm, config, metrics_path, echo, trace_path, resume, stop) -> list[dict]:
-    """Build this rank's trainer on `comm`, resume if asked, and run the step loop."""
+def train_on(comm, config, metrics_path, echo, trace_path, resume, stop, holder=None):
+    """Build this rank's trainer on `comm`, resume if asked, and run the step loop.
+
+    holder["grid"] is set so a failure handler can revoke the communicators in use.
+    """
     plan = make_plan(config, comm.Get_size())
     torch.set_num_threads(config.train.threads)
     p = config.parallel
     grid = Grid(comm, Topology.parse(p.dp, p.pp, p.tp, p.order))
+    if holder is not None:
+        holder["grid"] = grid
     trainer = PipelineTrainer(config, grid, plan, device=pick_device(config, comm))
     trainer.stop_request = stop
     leader = grid.world_rank == 0
@@ -426,11 +486,12 @@ def train_on(comm, config, metrics_path, echo, trace_path, resume, stop) -> list
         say(f"hpcpipe: resumed from {start} at step {trainer.step_index}{moved}")
     sink = open(metrics_path, "a" if start else "w") if leader and metrics_path else None  # noqa: SIM115
     try:
-        return step_loop(trainer, sink, say, trace_path)
+        records = step_loop(trainer, sink, say, trace_path)
     finally:
         if sink:
             sink.close()
-        grid.free()
+    grid.free()  # NOTE: not after a failure: the recovery revokes these communicators first
+    return records
 
 
 def step_loop(trainer: PipelineTrainer, sink, say, trace_path) -> list[dict]:

@@ -106,7 +106,7 @@ def save(trainer, root) -> str:
 def _fault_hook(trainer):
     """HPCPIPE_FAULT with action=ckpt: die after the first dataset of this step's shard."""
     plan = trainer.runtime.fault_plan
-    if plan is None or not plan.fires(trainer.grid.world_rank, trainer.step_index, "ckpt"):
+    if plan is None or not plan.fires(trainer.runtime.world_rank, trainer.step_index, "ckpt"):
         return None
     return lambda _name: plan.fire()
 
