@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from mpirun import ROOT, run_mpi
 
 from hpcpipe.checkpoint import full_tensors
