@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -29,19 +30,26 @@ MODEL = {"n_layers": 8, "d_model": 256, "n_heads": 4, "seq_len": 128, "vocab_siz
 TRAIN = {"global_batch": 32, "steps": 100, "dtype": "float32", "threads": 1, "warmup_steps": 2}
 MICROBATCHES = 8
 TAG = "BENCH_JSON "
-CONTENDERS = ("hpcpipe", "torch", "serial")
+CONTENDERS = ("hpcpipe", "torch", "serial", "serial-xK")
+# Issue 3's comparison: every hpcpipe schedule and torch's 1F1B and interleaved 1F1B.
+SCHEDULE_CONTENDERS = ("hpcpipe-gpipe", "hpcpipe", "hpcpipe-interleaved", "hpcpipe-zb-h1",
+                       "torch", "torch-interleaved", "serial")  # fmt: skip
+HPCPIPE_SCHEDULES = {"hpcpipe": "1f1b", "hpcpipe-gpipe": "gpipe",
+                     "hpcpipe-interleaved": "interleaved", "hpcpipe-zb-h1": "zb-h1"}  # fmt: skip
+VIRTUAL = 2  # chunks per rank for the interleaved schedules
 
 
-def bench_config(ranks: int):
+def bench_config(ranks: int, schedule: str = "1f1b"):
     """The benchmark model as an hpcpipe Config for `ranks` pipeline stages."""
     from hpcpipe.config import build_config
 
+    virtual = VIRTUAL if schedule == "interleaved" else 1
     return build_config(
         {
             "model": MODEL,
             "train": TRAIN,
             "parallel": {"pp": ranks},
-            "schedule": {"name": "1f1b", "microbatches": MICROBATCHES},
+            "schedule": {"name": schedule, "microbatches": MICROBATCHES, "virtual": virtual},
         }
     )
 
@@ -63,7 +71,11 @@ def time_steps(step, steps: int) -> list[float]:
 
 def summary(times: list[float], **extra) -> dict:
     """tokens/s over all timed steps (each step ends synchronised across ranks)."""
-    return {"tokens_per_s": tokens_per_step() * len(times) / sum(times), "step_times": times, **extra}
+    return {
+        "tokens_per_s": tokens_per_step() * len(times) / sum(times),
+        "step_times": times,
+        **extra,
+    }
 
 
 # --- workers -----------------------------------------------------------------------------------
@@ -86,8 +98,22 @@ def worker_serial(args) -> dict:
     return summary(time_steps(step, args.steps))
 
 
+def worker_serial_k(args) -> dict | None:
+    """K independent serial trainings at once: what K cores of this machine deliver together.
+
+    NOTE: no communication at all, so (this / (K x serial)) is the efficiency ceiling that
+    shared caches, memory bandwidth and the hypervisor leave to any K-rank pipeline.
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    comm.Barrier()  # start the timed work together so the processes overlap throughout
+    rates = comm.gather(worker_serial(args)["tokens_per_s"], root=0)
+    return {"tokens_per_s": sum(rates), "per_process": rates} if comm.Get_rank() == 0 else None
+
+
 def worker_hpcpipe(args) -> dict | None:
-    """hpcpipe's PipelineTrainer (1F1B) on every rank of COMM_WORLD."""
+    """hpcpipe's PipelineTrainer (args.schedule) on every rank of COMM_WORLD."""
     import torch
     from mpi4py import MPI
 
@@ -98,7 +124,7 @@ def worker_hpcpipe(args) -> dict | None:
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
     k = comm.Get_size()
-    config = bench_config(k)
+    config = bench_config(k, HPCPIPE_SCHEDULES[args.worker])
     grid = Grid(comm, Topology(dp=1, pp=k, tp=1))
     trainer = PipelineTrainer(config, grid, make_plan(config, k), tokens=data.load_tokens(None))
     records = []
@@ -126,10 +152,11 @@ def mpi_rank_size() -> tuple[int, int]:
 
 
 def worker_torch(args) -> dict | None:
-    """torch.distributed.pipelining Schedule1F1B over gloo, on hpcpipe's own Stage modules."""
+    """torch.distributed.pipelining over gloo (1F1B, or interleaved 1F1B with V chunks per rank),
+    on hpcpipe's own Stage modules."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
     from hpcpipe import data, optim
     from hpcpipe.model import Stage, loss_fn
@@ -140,15 +167,22 @@ def worker_torch(args) -> dict | None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=k
     )
-    config = bench_config(k)
+    interleaved = args.worker == "torch-interleaved"
+    config = bench_config(k, "interleaved" if interleaved else "1f1b")
     plan = make_plan(config, k)  # the same balanced split hpcpipe uses
-    module = Stage(plan.model, plan.partition.layers(rank), config.train.seed)
+    n = plan.num_stages
+    modules = [Stage(plan.model, plan.partition.layers(s), config.train.seed)
+               for s in range(rank, n, k)]  # fmt: skip
+    stages = [PipelineStage(m, s, n, torch.device("cpu"))
+              for m, s in zip(modules, range(rank, n, k), strict=True)]  # fmt: skip
     # scale_grads=True divides by M: the same loss/M accumulation as hpcpipe and SerialTrainer.
-    schedule = Schedule1F1B(
-        PipelineStage(module, rank, k, torch.device("cpu")), MICROBATCHES, loss_fn=loss_fn
-    )
-    params = list(module.parameters())
-    optimizer = optim.make_adamw(module.named_parameters(), config.train)
+    if interleaved:
+        schedule = ScheduleInterleaved1F1B(stages, MICROBATCHES, loss_fn=loss_fn)
+    else:
+        schedule = Schedule1F1B(stages[0], MICROBATCHES, loss_fn=loss_fn)
+    params = [p for m in modules for p in m.parameters()]
+    named = [kv for m in modules for kv in m.named_parameters()]
+    optimizer = optim.make_adamw(named, config.train)
     batches = batch_source(config, data) if rank in (0, k - 1) else None
     state = {"step": 0}
 
@@ -198,7 +232,13 @@ def clip_and_step(params, optimizer, train, step_index: int) -> None:
     optimizer.step()
 
 
-WORKERS = {"serial": worker_serial, "hpcpipe": worker_hpcpipe, "torch": worker_torch}
+WORKERS = {
+    "serial": worker_serial,
+    "serial-xK": worker_serial_k,
+    **dict.fromkeys(HPCPIPE_SCHEDULES, worker_hpcpipe),
+    "torch": worker_torch,
+    "torch-interleaved": worker_torch,
+}
 
 
 # --- launcher ----------------------------------------------------------------------------------
@@ -220,65 +260,152 @@ def command(kind: str, ranks: int, steps: int) -> list[str]:
 
 
 def run_one(kind: str, ranks: int, steps: int, timeout: float) -> dict:
-    """Launch one contender and return rank 0's JSON record."""
+    """Launch one contender; return rank 0's JSON record plus the CPU load of other processes."""
     from hpcpipe.launch import mpi_env
 
-    proc = subprocess.run(
-        command(kind, ranks, steps),
-        env=mpi_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    with ForeignLoad() as load:
+        proc = subprocess.run(
+            command(kind, ranks, steps),
+            env=mpi_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len(TAG) :])
+    return {**json.loads(lines[-1][len(TAG) :]), "foreign_cores": load.cores}
 
 
-def run_rounds(args) -> dict[str, list[dict]]:
+def busy_jiffies() -> int:
+    """CPU time (all cores, clock ticks) the whole machine has spent busy since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+
+
+def children_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class ForeignLoad:
+    """Average cores used by processes other than our run, while it ran.
+
+    NOTE: the machine is shared with other work; a run that lost a core to someone else is
+    not comparable, so every run reports how much it lost.
+    """
+
+    def __enter__(self):
+        self.start = (time.perf_counter(), busy_jiffies(), children_seconds())
+        return self
+
+    def __exit__(self, *exc):
+        wall, busy, ours = (b - a for a, b in zip(self.start, self._now(), strict=True))
+        self.cores = max(0.0, (busy / os.sysconf("SC_CLK_TCK") - ours) / wall)
+
+    def _now(self):
+        return time.perf_counter(), busy_jiffies(), children_seconds()
+
+
+def wait_for_quiet(limit: float, threshold: float = 0.3) -> float:
+    """Wait (at most `limit` s) until other processes use < `threshold` cores; return the load."""
+    deadline = time.monotonic() + limit
+    while True:
+        with ForeignLoad() as load:
+            time.sleep(1.0)
+        if load.cores < threshold or time.monotonic() > deadline:
+            return load.cores
+
+
+def run_rounds(args, contenders=CONTENDERS) -> dict[str, list[dict]]:
     """Rounds of all contenders, the order rotated each round so none always runs first."""
-    runs: dict[str, list[dict]] = {kind: [] for kind in CONTENDERS}
+    runs: dict[str, list[dict]] = {kind: [] for kind in contenders}
     for r in range(args.rounds):
-        order = CONTENDERS[r % 3 :] + CONTENDERS[: r % 3]
-        for kind in order:
-            record = run_one(kind, args.ranks, args.steps, args.timeout)
-            runs[kind].append(record)
-            print(f"round {r + 1}/{args.rounds} {kind:>7}: {record['tokens_per_s']:7,.0f} tok/s")
-            sys.stdout.flush()
+        n = len(contenders)
+        for kind in contenders[r % n :] + contenders[: r % n]:
+            runs[kind].append(run_clean(kind, args, f"round {r + 1}/{args.rounds}"))
     return runs
 
 
+def run_clean(kind: str, args, label: str) -> dict:
+    """One run, repeated (at most --retries times) while other processes stole > 0.3 cores."""
+    for attempt in range(args.retries + 1):
+        wait_for_quiet(args.quiet_wait)
+        record = run_one(kind, args.ranks, args.steps, args.timeout)
+        clean = record["foreign_cores"] < 0.3
+        note = (
+            "" if clean else ", discarded" if attempt < args.retries else ", kept: out of retries"
+        )
+        print(
+            f"{label} {kind:>19}: {record['tokens_per_s']:7,.0f} tok/s"
+            f"   (other processes used {record['foreign_cores']:.2f} cores{note})",
+            flush=True,
+        )
+        if clean:
+            break
+    return record
+
+
+def medians(runs: dict[str, list[dict]], key: str = "tokens_per_s") -> dict[str, float]:
+    return {kind: statistics.median(r[key] for r in rs) for kind, rs in runs.items() if rs}
+
+
 def report(runs: dict[str, list[dict]], k: int) -> str:
-    """The results table: medians over rounds."""
-    med = {kind: statistics.median(r["tokens_per_s"] for r in rs) for kind, rs in runs.items()}
-    ideal = k * med["serial"]
+    """The results table: medians over rounds, then the derived ratios."""
+    med = medians(runs)
     cores = os.cpu_count() or 1
-    bubble = statistics.median(r["bubble"] for r in runs["hpcpipe"])
     rows = [
         f"K={k} ranks on {cores} cores{' (OVERSUBSCRIBED)' if k > cores else ''}, "
-        f"M={MICROBATCHES}, {len(runs['serial'])} rounds; median tokens/s "
-        f"(min-max over rounds):",
+        f"M={MICROBATCHES}, {len(runs['serial'])} rounds; median tokens/s (min-max over rounds):"
     ]
     for kind in CONTENDERS:
         values = [r["tokens_per_s"] for r in runs[kind]]
         rows.append(f"  {kind:<24} {med[kind]:8,.0f}   ({min(values):,.0f}-{max(values):,.0f})")
-    ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(*(runs[c] for c in CONTENDERS[:2]), strict=True)]
-    rows += [
+    return "\n".join(rows + derived(runs, med, k))
+
+
+def derived(runs: dict[str, list[dict]], med: dict[str, float], k: int) -> list[str]:
+    """Ratio, efficiencies against K x serial and against the concurrent ceiling, bubble."""
+    ideal, ceiling = k * med["serial"], med["serial-xK"]
+    pairs = zip(runs["hpcpipe"], runs["torch"], strict=True)
+    ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs]
+    bubble = statistics.median(r["bubble"] for r in runs["hpcpipe"])
+    foreign = statistics.median(r["foreign_cores"] for rs in runs.values() for r in rs)
+    return [
         f"  hpcpipe / torch          {med['hpcpipe'] / med['torch']:8.3f}   "
-        f"(per-round ratios median {statistics.median(ratios):.3f})",
+        f"(median of per-round ratios {statistics.median(ratios):.3f})",
         f"  efficiency hpcpipe       {med['hpcpipe'] / ideal:8.3f}   = tok/s / ({k} x serial)",
         f"  efficiency torch         {med['torch'] / ideal:8.3f}",
+        f"  ceiling serial-xK        {ceiling / ideal:8.3f}   = {k} independent serial runs at "
+        f"once / ({k} x serial)",
+        f"  hpcpipe vs ceiling       {med['hpcpipe'] / ceiling:8.3f}   torch vs ceiling "
+        f"{med['torch'] / ceiling:.3f}",
         f"  hpcpipe measured bubble  {bubble:8.3f}   (1F1B ideal (K-1)/(M+K-1) = "
         f"{(k - 1) / (MICROBATCHES + k - 1):.3f})",
+        f"  other processes' load    {foreign:8.2f}   cores (median over runs)",
     ]
-    if k > cores:
-        per_core = min(k, cores) * med["serial"]
-        rows.append(
-            f"  per-core efficiency      hpcpipe {med['hpcpipe'] / per_core:.3f}, "
-            f"torch {med['torch'] / per_core:.3f}   = tok/s / ({cores} cores x serial)"
+
+
+def schedule_report(runs: dict[str, list[dict]], k: int) -> str:
+    """Issue 3's table: every schedule, its efficiency and bubble; best hpcpipe vs best torch."""
+    med = medians(runs)
+    ideal = k * med["serial"]
+    rounds = len(runs["serial"])
+    rows = [
+        f"K={k}, M={MICROBATCHES}, V={VIRTUAL} for interleaved, {rounds} rounds; median "
+        "tokens/s, efficiency = tok/s / (K x serial accumulated), measured bubble:"
+    ]
+    for kind in SCHEDULE_CONTENDERS:
+        bubble = (
+            medians({kind: runs[kind]}, "bubble").get(kind) if "bubble" in runs[kind][0] else None
         )
+        extra = f"   measured bubble {bubble:.3f}" if bubble is not None else ""
+        rows.append(f"  {kind:<22} {med[kind]:8,.0f}   efficiency {med[kind] / ideal:.3f}{extra}")
+    ours = max((k2 for k2 in SCHEDULE_CONTENDERS if k2.startswith("hpcpipe")), key=med.get)
+    theirs = max((k2 for k2 in SCHEDULE_CONTENDERS if k2.startswith("torch")), key=med.get)
+    rows.append(f"  best hpcpipe ({ours}) / best torch ({theirs}) = {med[ours] / med[theirs]:.3f}")
     return "\n".join(rows)
 
 
@@ -288,17 +415,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=60.0, help="max s to wait for an idle machine per run"
+    )
+    parser.add_argument("--retries", type=int, default=2, help="reruns of a disturbed run")
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--port", type=int, default=29500, help="gloo rendezvous (torch worker)")
     parser.add_argument("--json", help="also write every run's record here")
+    parser.add_argument(
+        "--schedules", action="store_true",
+        help="compare every hpcpipe schedule with torch's 1F1B and interleaved 1F1B instead",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.worker:
         result = WORKERS[args.worker](args)
         if result is not None:
             print(TAG + json.dumps(result), flush=True)
         return
-    runs = run_rounds(args)
-    print(report(runs, args.ranks))
+    if args.schedules:
+        runs = run_rounds(args, SCHEDULE_CONTENDERS)
+        print(schedule_report(runs, args.ranks))
+    else:
+        runs = run_rounds(args)
+        print(report(runs, args.ranks))
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
 

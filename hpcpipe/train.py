@@ -404,6 +404,7 @@ def train_recovering(comm, config, metrics_path, echo, trace_path, resume, stop)
         except BaseException as exc:
             if not (recoverable and _mpi_failure(exc)):
                 raise
+            holder["failed_at"] = time.perf_counter()
             comm, config = recover(comm, config, holder.get("grid"), echo)
             resume = "auto"
 
@@ -483,7 +484,9 @@ def train_on(comm, config, metrics_path, echo, trace_path, resume, stop, holder=
         meta = train_state.restore(trainer, start)
         changed = train_state.check_layout_change(meta, config)
         moved = f" onto a new layout ({', '.join(changed)})" if changed else ""
-        say(f"hpcpipe: resumed from {start} at step {trainer.step_index}{moved}")
+        since = holder.pop("failed_at", None) if holder else None
+        took = f" ({time.perf_counter() - since:.2f} s after the failure)" if since else ""
+        say(f"hpcpipe: resumed from {start} at step {trainer.step_index}{moved}{took}")
     sink = open(metrics_path, "a" if start else "w") if leader and metrics_path else None  # noqa: SIM115
     try:
         records = step_loop(trainer, sink, say, trace_path)

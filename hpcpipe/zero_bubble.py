@@ -68,7 +68,8 @@ class _LinearFn(torch.autograd.Function):
             store = ctx.store
 
             def deferred():
-                dw, db = weight_grads()
+                with torch.no_grad():  # W runs outside autograd's backward: no graph wanted
+                    dw, db = weight_grads()
                 _accumulate(weight_param, dw)
                 if db is not None:
                     _accumulate(bias_param, db)
