@@ -258,6 +258,7 @@ class P2P:
                     f"pipeline rank {self.rank}: a send was not received within "
                     f"{self.timeout:.0f} s; a peer is stuck or dead"
                 ),
+                spin=spin_for(tensor.numel() * tensor.element_size()),
             )
             if staged:
                 self.pool.put(tensor)
