@@ -62,6 +62,11 @@ def _schedule_parser(sub) -> None:
         "schedules without the split); default 1,1,1,0",
     )
     p.add_argument("--fit", metavar="TRACE", help="fit the costs from a measured trace")
+    p.add_argument(
+        "--measured",
+        metavar="TRACE",
+        help="draw the measured timeline of a `hpcpipe train --trace` run (png or chrome)",
+    )
     p.add_argument("--format", choices=["grid", "json", "csv", "png", "chrome"], default="grid")
     p.add_argument("--out", help="output file (required for png; default stdout otherwise)")
     p.set_defaults(func=run_schedule)

@@ -34,8 +34,25 @@ def _sizes(args) -> tuple[int, int, int]:
     return K, M, args.virtual
 
 
+def render_measured(args) -> str | None:
+    """A measured trace's own timeline, as a PNG or a Chrome trace."""
+    meta, events = read_trace(args.measured)
+    timeline = compute_timeline(events)
+    if args.format == "chrome":
+        return json.dumps(draw.to_chrome_trace(timeline, meta["K"], draw.timeline_arrows(timeline)))
+    if args.format != "png" or not args.out:
+        raise ValueError("--measured draws --format png --out FILE.png (or --format chrome)")
+    step_ms = meta["step_time"] * 1e3
+    title = (f"measured {meta['schedule']} K={meta['K']} M={meta['M']} V={meta['V']}: "
+             f"bubble {meta['measured_bubble']:.3f}, step {step_ms:.0f} ms")  # fmt: skip
+    draw.to_png(timeline, meta["K"], args.out, title=title, xlabel="seconds")
+    return None
+
+
 def render(args) -> str | None:
     """The text to print (None when a file was written)."""
+    if args.measured:
+        return render_measured(args)
     K, M, V = _sizes(args)
     Costs.parse(args.costs)  # refuse a bad --costs whatever the format
     schedule = build_schedule(args.schedule, K, M, V)

@@ -123,6 +123,14 @@ def test_trace_of_a_zero_bubble_run_and_prediction(tmp_path):
     predicted = json.loads(fit.stdout)
     assert predicted["M"] == 8 and predicted["step_time"] > 0
     assert predicted["measured"]["schedule"] == "zb-h1"
+    picture = tmp_path / "measured.png"
+    drawn = subprocess.run(
+        [sys.executable, "-m", "hpcpipe", "schedule", "--measured", str(trace), "--format",
+         "png", "--out", str(picture)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert drawn.returncode == 0, drawn.stderr
+    assert picture.stat().st_size > 1000
 
 
 def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path):
