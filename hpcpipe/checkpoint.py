@@ -37,6 +37,7 @@ import re
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,11 +151,15 @@ def check_shard(shard: Shard) -> None:
             )
 
 
-def _write_dataset(f: h5py.File, shard: Shard, file_name: str) -> dict:
-    """Write one piece with its attributes; return its manifest record."""
+def _write_dataset(f: h5py.File, shard: Shard, file_name: str, hasher=None) -> dict:
+    """Write one piece with its attributes; return its manifest record.
+
+    With a hasher (a thread pool), the checksum is computed while the data is written.
+    """
     arr = to_array(shard.tensor)
-    digest = sha256(arr)
+    future = hasher.submit(sha256, arr) if hasher is not None else None
     ds = f.create_dataset(dataset_name(shard.name), data=arr)
+    digest = future.result() if future is not None else sha256(arr)
     ds.attrs["name"] = shard.name
     ds.attrs["global_shape"] = np.asarray(shard.global_shape, dtype=np.int64)
     ds.attrs["offsets"] = np.asarray(shard.offsets, dtype=np.int64)
@@ -198,10 +203,10 @@ def write_shard_file(
         check_shard(shard)
     file_name = f"{position}.h5"
     path = Path(directory) / file_name
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w") as f, ThreadPoolExecutor(max_workers=1) as hasher:
         records = []
         for shard in shards:
-            records.append(_write_dataset(f, shard, file_name))
+            records.append(_write_dataset(f, shard, file_name, hasher))
             if on_dataset is not None:
                 on_dataset(shard.name)
         f.attrs["format"] = FORMAT
@@ -354,11 +359,18 @@ def resolve(path: str | Path) -> Path:
 
 
 class _Files:
-    """Shard files of one step directory, each opened once, with errors naming the file."""
+    """Shard files of one step directory, each opened once, with errors naming the file.
 
-    def __init__(self, step_dir: Path):
+    Checksums are computed on a helper thread while the next piece is read (hashlib releases
+    the GIL), so verifying costs little extra time; `check` collects the verdicts.
+    """
+
+    def __init__(self, step_dir: Path, deferred: bool = False):
         self.step_dir = step_dir
         self.open: dict[str, h5py.File] = {}
+        self.deferred = deferred
+        self.pool = ThreadPoolExecutor(max_workers=1) if deferred else None
+        self.pending: list[tuple[str, str, object]] = []
 
     def __enter__(self):
         return self
@@ -366,6 +378,15 @@ class _Files:
     def __exit__(self, *exc):
         for f in self.open.values():
             f.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def check(self) -> None:
+        """Raise for the first piece whose checksum did not match (deferred mode)."""
+        for where, expected, future in self.pending:
+            if future.result() != expected:
+                raise CheckpointError(f"{where}: checksum mismatch (the data is corrupt)")
+        self.pending.clear()
 
     def get(self, file_name: str) -> h5py.File:
         """The open file (CheckpointError when missing, truncated or not HDF5)."""
@@ -400,7 +421,9 @@ class _Files:
         except OSError as exc:
             raise CheckpointError(f"{where}: unreadable ({exc}); the file is truncated") from None
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        if sha256(arr) != piece["sha256"]:
+        if self.deferred:
+            self.pending.append((where, piece["sha256"], self.pool.submit(sha256, arr)))
+        elif sha256(arr) != piece["sha256"]:
             raise CheckpointError(f"{where}: checksum mismatch (the data is corrupt)")
         return arr
 
@@ -417,20 +440,34 @@ def _overlap(piece: dict, offsets, shape) -> tuple[tuple[slice, ...], tuple[slic
     return tuple(src), tuple(dst)
 
 
+def _as_tensor(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over an array read from a file (ours to keep: no copy)."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr.astype(np.dtype(_STORAGE[dtype]), copy=False))
+
+
 def assemble(files: _Files, name: str, entry: dict, offsets, shape) -> torch.Tensor:
     """The wanted slice of one global tensor, filled from every saved piece that overlaps it."""
     dtype = _BY_NAME[entry["dtype"]]
-    out = torch.empty(tuple(shape), dtype=dtype)
-    covered = torch.zeros(tuple(shape), dtype=torch.bool)
+    shape, offsets = tuple(shape), tuple(offsets)
+    for piece in entry["pieces"]:  # fast path: a piece that is exactly the wanted slice
+        if tuple(piece["offsets"]) == offsets and tuple(piece["shape"]) == shape:
+            return _as_tensor(files.read(piece, name, entry), dtype).reshape(shape)
+    out = torch.empty(shape, dtype=dtype)
+    filled, seen = 0, set()
     for piece in entry["pieces"]:
         hit = _overlap(piece, offsets, shape)
-        # NOTE: identical copies (a replicated tensor saved by several positions) are read once.
-        if hit is None or bool(covered[hit[1]].all()):
+        key = (tuple(piece["offsets"]), tuple(piece["shape"]))
+        # NOTE: identical copies (a replicated tensor saved by several positions) are read once;
+        # distinct pieces never overlap (save_checkpoint refuses that), so volumes add up.
+        if hit is None or key in seen:
             continue
-        saved = from_array(files.read(piece, name, entry), dtype)
+        seen.add(key)
+        saved = _as_tensor(files.read(piece, name, entry), dtype).reshape(piece["shape"])
         out[hit[1]] = saved[hit[0]]
-        covered[hit[1]] = True
-    if not bool(covered.all()):
+        filled += math.prod(d.stop - d.start for d in hit[1])
+    if filled != math.prod(shape):
         raise CheckpointError(
             f"{files.step_dir}: tensor {name}: the saved pieces do not cover offsets "
             f"{list(offsets)} shape {list(shape)}"
@@ -467,11 +504,12 @@ def load_checkpoint(
     step_dir = resolve(path)
     manifest = read_manifest(step_dir)
     out = {}
-    with _Files(step_dir) as files:
+    with _Files(step_dir, deferred=True) as files:
         for name, gshape, offsets, shape in wanted:
             entry = _check_wanted(step_dir, manifest, name, gshape, offsets, shape)
-            out[name] = assemble(files, name, entry, offsets, shape).to(device)
-    return manifest, out
+            out[name] = assemble(files, name, entry, offsets, shape)
+        files.check()  # nothing is returned unless every checksum matched
+    return manifest, {name: t.to(device) for name, t in out.items()}
 
 
 def full_tensors(path: str | Path, keep=lambda name: True) -> tuple[dict, dict[str, torch.Tensor]]:
