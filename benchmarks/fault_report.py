@@ -94,11 +94,10 @@ def trial(fault: str, work: Path) -> dict:
         if proc.returncode != 0:
             return {"fault": fault, "how": "failed", "wall": wall}
     killed = re.search(r"KILL at step (\d+)", out)
-    resumed = re.findall(
-        r"resumed from \S+/step_(\d+) at step \d+[^\n]*?(?:\(([\d.]+) s after)?", out
-    )
-    step = int(resumed[-1][0]) if resumed else 0
-    seconds = float(resumed[-1][1]) if resumed and resumed[-1][1] else None
+    resumed = re.findall(r"resumed from \S+/step_(\d+) at step", out)
+    timed = re.findall(r"\(([\d.]+) s after the failure\)", out)
+    step = int(resumed[-1]) if resumed else 0
+    seconds = float(timed[-1]) if timed else None
     lost = (int(killed.group(1)) - 1 - step) if killed else 0
     ok = correct(run_dir, step, pp, work)
     return {"fault": fault, "how": how, "resumed_step": step, "steps_lost": lost,

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -635,7 +636,7 @@ def _remove_leftovers(root: Path) -> None:
     """Remove the tmp/trash directories of saves or prunes that did not finish."""
     for p in root.iterdir():
         if p.is_dir() and (p.name.startswith(".tmp_step_") or p.name.startswith(".trash_step_")):
-            shutil.rmtree(p)
+            shutil.rmtree(p, ignore_errors=True)  # a prune thread may be deleting it too
 
 
 def _prepare(root: Path, step: int, positions: list[tuple[bool, str]]) -> None:
@@ -662,27 +663,38 @@ def _commit(root: Path, step: int, manifest: dict, records: list[dict], keep: in
         final.rename(root / f".trash_step_{step}")
     os.replace(tmp, final)
     fsync_path(root)
-    if (root / f".trash_step_{step}").exists():
-        shutil.rmtree(root / f".trash_step_{step}")
+    doomed = [root / f".trash_step_{step}"] if (root / f".trash_step_{step}").exists() else []
     latest_tmp = root / f"{LATEST}.tmp"
     latest_tmp.write_text(f"{final.name}\n")
     fsync_path(latest_tmp)
     os.replace(latest_tmp, root / LATEST)
     fsync_path(root)
-    prune(root, keep, protect=final)
+    doomed += [p.with_name(f".trash_{p.name}") for p in prune(root, keep, protect=final, now=False)]
+    # NOTE: deleting gigabytes takes a while and nothing reads .trash_* folders: let training
+    # go on meanwhile (a non-daemon thread, so the process still finishes the job at exit).
+    threading.Thread(target=_delete, args=(doomed,), name="hpcpipe-prune").start()
 
 
-def prune(root: str | Path, keep: int, protect: Path | None = None) -> list[Path]:
-    """Delete all but the newest `keep` steps (never `protect`); keep < 1 keeps all."""
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(root: str | Path, keep: int, protect: Path | None = None, now: bool = True) -> list[Path]:
+    """Retire all but the newest `keep` steps (never `protect`); keep < 1 keeps all.
+
+    Each is first renamed to .trash_step_<N> (so a crash mid-delete leaves no half-deleted
+    step_<N>), then deleted now or, with now=False, by the caller.
+    """
     if keep < 1:
         return []
     steps = [p for _, p in list_steps(root)]
     doomed = [p for p in steps[:-keep] if p != protect]
     for p in doomed:
-        # NOTE: rename first so a crash mid-delete leaves no half-deleted step_<N> behind.
         trash = p.with_name(f".trash_{p.name}")
         p.rename(trash)
-        shutil.rmtree(trash)
+        if now:
+            shutil.rmtree(trash)
     return doomed
 
 
