@@ -154,7 +154,12 @@ def run_train(args) -> int:
     except Stopped:
         return EXIT_REQUEUE
     except BaseException as exc:  # noqa: BLE001 - any failure must bring the whole job down
-        _report(f"hpcpipe: world rank {rank} failed: {exc}\n{traceback.format_exc()}")
+        _report(
+            f"hpcpipe: world rank {rank} failed: {exc}\n{traceback.format_exc()}"
+            "hpcpipe: to continue from the newest checkpoint, relaunch with --resume auto "
+            "(on fewer ranks add --parallel.elastic=true; jobs/local/resilient.sh does both; "
+            "with Open MPI, `mpiexec --with-ft ulfm` recovers from a dead rank inside the job)"
+        )
         comm.Abort(1)
     return 0
 
