@@ -175,9 +175,6 @@ class P2P:
         self.tag_ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
         self.rank = self.comm.Get_rank()
 
-    def _direct(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type == "cpu" or self.cuda_aware
-
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         """Start sending; the tensor is kept alive until the send completes."""
         if tensor.requires_grad:
