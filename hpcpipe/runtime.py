@@ -99,18 +99,10 @@ class PipelineRuntime:
     # --- one action ---------------------------------------------------------------------------
 
     def _run(self, action: Action) -> None:
-        handler = {
-            Kind.F: self._forward,
-            Kind.B: self._backward,
-            Kind.W: self._weight_backward,
-            Kind.SEND_F: self._send_forward,
-            Kind.RECV_F: self._recv_forward,
-            Kind.SEND_B: self._send_backward,
-            Kind.RECV_B: self._recv_backward,
-        }.get(action.kind)
+        handler = _HANDLERS.get(action.kind)
         if handler is None:
             raise NotImplementedError(f"action kind {action.kind.value} is not executable yet")
-        handler(action.stage, action.microbatch)
+        handler(self, action.stage, action.microbatch)
 
     def _st(self, stage: int, mb: int) -> _MicroState:
         return self._state.setdefault((stage, mb), _MicroState())
@@ -278,3 +270,15 @@ class PipelineRuntime:
             f"(#{index} of {len(self.actions)}): {type(exc).__name__}: {exc}\n"
             f"  this rank's actions: {program}"
         )
+
+
+# One handler per action kind (built once, not per action).
+_HANDLERS = {
+    Kind.F: PipelineRuntime._forward,
+    Kind.B: PipelineRuntime._backward,
+    Kind.W: PipelineRuntime._weight_backward,
+    Kind.SEND_F: PipelineRuntime._send_forward,
+    Kind.RECV_F: PipelineRuntime._recv_forward,
+    Kind.SEND_B: PipelineRuntime._send_backward,
+    Kind.RECV_B: PipelineRuntime._recv_backward,
+}

@@ -368,7 +368,7 @@ def train(
     """
     config, active = elastic_layout(config, comm, echo)
     if active is None:
-        idle_until_done(comm, config)  # an idle rank of a re-planned layout
+        idle_until_done(comm)  # an idle rank of a re-planned layout
         return []
     stop = fault.StopRequest().install()
     try:
@@ -376,7 +376,7 @@ def train(
     finally:
         stop.restore()
     if active is not comm:
-        idle_until_done(comm, config)
+        idle_until_done(comm)
     return records
 
 
@@ -430,7 +430,7 @@ def recover(comm, config: Config, grid, echo):
     return survivors, config
 
 
-def idle_until_done(comm, config: Config) -> None:
+def idle_until_done(comm) -> None:
     """Meet the idle ranks at the end without spinning (MPI_Finalize would busy-wait)."""
     from .p2p import wait_politely
 
