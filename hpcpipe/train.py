@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -400,13 +402,31 @@ def train_recovering(comm, config, metrics_path, echo, trace_path, resume, stop)
         try:
             args = (metrics_path, echo, trace_path, resume, stop, holder)
             records += train_on(comm, config, *args)
+            if holder.get("recovered"):
+                exit_without_finalize(comm)
             return records
         except BaseException as exc:
             if not (recoverable and _mpi_failure(exc)):
                 raise
             holder["failed_at"] = time.perf_counter()
+            holder["recovered"] = True
             comm, config = recover(comm, config, holder.get("grid"), echo)
             resume = "auto"
+
+
+def exit_without_finalize(comm) -> None:
+    """End a process that survived a failure: every survivor is done, then exit(0).
+
+    NOTE: after a rank died, Open MPI 5's MPI_Finalize on the survivors sometimes waits forever
+    (seen 1 run in ~5 under load: all survivors sleeping in ompi_mpi_finalize). The work and its
+    checkpoints are complete here, so meet the other survivors and leave without it.
+    """
+    from .p2p import wait_politely
+
+    wait_politely(comm.Ibarrier(), time.monotonic() + 60, lambda: "survivors' final barrier")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def recover(comm, config: Config, grid, echo):
