@@ -649,6 +649,7 @@ def _prepare(root: Path, step: int, positions: list[tuple[bool, str]]) -> None:
     if bad:
         raise CheckpointError(f"bad position name(s) {bad}: need a plain file stem")
     root.mkdir(parents=True, exist_ok=True)
+    wait_for_pruning()  # else it and _remove_leftovers would delete the same folder at once
     _remove_leftovers(root)
     (root / f".tmp_step_{step}").mkdir()
 
@@ -672,7 +673,24 @@ def _commit(root: Path, step: int, manifest: dict, records: list[dict], keep: in
     doomed += [p.with_name(f".trash_{p.name}") for p in prune(root, keep, protect=final, now=False)]
     # NOTE: deleting gigabytes takes a while and nothing reads .trash_* folders: let training
     # go on meanwhile (a non-daemon thread, so the process still finishes the job at exit).
-    threading.Thread(target=_delete, args=(doomed,), name="hpcpipe-prune").start()
+    _start_delete(doomed)
+
+
+# Deletions still running in the background, oldest first (only rank 0 of a save starts them).
+_DELETERS: list[threading.Thread] = []
+
+
+def _start_delete(paths: list[Path]) -> None:
+    wait_for_pruning()  # one at a time: a new trash folder may reuse the previous one's name
+    thread = threading.Thread(target=_delete, args=(paths,), name="hpcpipe-prune")
+    _DELETERS.append(thread)
+    thread.start()
+
+
+def wait_for_pruning() -> None:
+    """Block until the old steps that earlier saves retired are deleted from disk."""
+    while _DELETERS:
+        _DELETERS.pop(0).join()
 
 
 def _delete(paths: list[Path]) -> None:

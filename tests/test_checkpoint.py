@@ -168,6 +168,7 @@ def test_saving_a_step_again_replaces_it(tmp_path):
     save(tmp_path / "run", 4, tensors)
     _, got = ck.load_checkpoint(tmp_path / "run", [("optim.step", (), (), ())])
     assert int(got["optim.step"]) == 99
+    ck.wait_for_pruning()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["latest", "step_4"]
 
 
@@ -240,6 +241,7 @@ def test_keep_prunes_old_steps(tmp_path):
     assert [s for s, _ in ck.list_steps(root)] == [4, 5]
     save(root, 6, {"w": torch.ones(2)}, keep=0)  # keep < 1 keeps everything
     assert [s for s, _ in ck.list_steps(root)] == [4, 5, 6]
+    ck.wait_for_pruning()
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_4", "step_5", "step_6"]
 
 
