@@ -2,7 +2,7 @@
 
     python benchmarks/bench_checkpoint.py --rounds 5 [--mb 200] [--dir /tmp/ckbench]
 
-hpcpipe's side is the real thing: save_checkpoint (one shard file, SHA-256 per dataset, fsync,
+hpcpipe's side is the real thing: save_checkpoint (one shard file, CRC-32 per dataset, fsync,
 atomic rename, `latest`) and load_checkpoint (checksums verified) on MPI.COMM_SELF. torch's side
 is torch.save of the same tensors (a dict) plus an fsync (so both are on disk when they return),
 and torch.load. Interleaved, alternating order; medians; GB/s = bytes / seconds.

@@ -8,11 +8,13 @@ import json
 import os
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
 
 from hpcpipe import checkpoint as ck
+from hpcpipe import checksum
 from hpcpipe.checkpoint import CheckpointError, Shard
 from hpcpipe.ckpt_cli import add_ckpt_parser
 
@@ -102,7 +104,7 @@ def test_datasets_are_flat_with_attributes(tmp_path):
         assert list(ds.attrs["global_shape"]) == [6, 4] and list(ds.attrs["offsets"]) == [0, 0]
         assert f["layers.1.ln.weight"].attrs["dtype"] == "bfloat16"
         assert f["layers.1.ln.weight"].dtype == "uint16"
-        assert len(ds.attrs["sha256"]) == 64
+        assert len(ds.attrs["crc32"]) == 8
 
 
 def test_load_a_slice_of_a_tensor_saved_whole(tmp_path):
@@ -130,7 +132,7 @@ def test_load_across_pieces_saved_in_two_files(tmp_path, dim):
 
 def test_pieces_that_do_not_tile_are_refused():
     record = {"name": "w", "global_shape": [4], "dtype": "float32", "file": "a.h5"}
-    piece = {"dataset": "w", "shape": [2], "sha256": "x"}
+    piece = {"dataset": "w", "shape": [2], "crc32": "x"}
     half = [{**record, **piece, "offsets": [0]}]
     with pytest.raises(CheckpointError, match="hold 2 of the 4 elements"):
         ck.build_manifest({}, 1, half)
@@ -186,6 +188,52 @@ def test_corrupt_byte_names_file_and_dataset(tmp_path):
     ck.load_checkpoint(step_dir, [("layers.1.ln.weight", (7,), (0,), (7,))])
     problems = ck.verify(step_dir)
     assert len(problems) == 1 and "checksum" in problems[0]
+
+
+def test_checksums_are_crc32_of_the_stored_bytes():
+    assert checksum.compute("crc32", np.frombuffer(b"123456789", dtype=np.uint8)) == "cbf43926"
+    assert checksum.compute("sha256", np.zeros(0, dtype=np.uint8)).startswith("e3b0c442")
+    big_endian = np.arange(4, dtype=">f8")
+    little = big_endian.astype("<f8")
+    assert ck.crc32(little) == checksum.compute("crc32", np.arange(4, dtype="<f8"))
+    with pytest.raises(ValueError, match="unknown checksum algorithm 'md4'"):
+        checksum.compute("md4", little)
+
+
+def as_format_version_1(step_dir) -> None:
+    """Rewrite a step as hpcpipe format 1 wrote it: SHA-256 per piece instead of CRC-32."""
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    with h5py.File(step_dir / "pp0_tp0.h5", "a") as f:
+        for entry in manifest["tensors"].values():
+            for piece in entry["pieces"]:
+                ds = f[piece["dataset"]]
+                piece["sha256"] = checksum.compute("sha256", np.asarray(ds[()]))
+                del piece["crc32"], ds.attrs["crc32"]
+                ds.attrs["sha256"] = piece["sha256"]
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_format_version_1_checkpoints_still_load_and_verify(tmp_path):
+    tensors = model_tensors()
+    step_dir = save(tmp_path / "run", 1, tensors)
+    as_format_version_1(step_dir)
+    _, got = ck.load_checkpoint(step_dir, wanted_whole(tensors))
+    assert all(torch.equal(got[n], t) for n, t in tensors.items())
+    assert ck.verify(step_dir) == []
+    path = step_dir / "pp0_tp0.h5"
+    flip_byte(path, dataset_offset(path, "layers.0.mlp.fc.weight") + 5)
+    with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.fc\.weight.*checksum mismatch"):
+        ck.load_checkpoint(step_dir, wanted_whole(tensors))
+
+
+def test_a_newer_format_is_refused_with_upgrade_advice(tmp_path):
+    step_dir = save(tmp_path / "run", 1, model_tensors())
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="format_version 99.*reads 1 and 2.*upgrade"):
+        ck.load_checkpoint(step_dir, [])
 
 
 def test_truncated_file(tmp_path):
