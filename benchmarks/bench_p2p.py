@@ -52,20 +52,30 @@ def pingpong_raw(comm, send: np.ndarray, recv: np.ndarray, reps: int) -> None:
 
 
 def pingpong_hpcpipe(p2p: P2P, tensor: torch.Tensor, reps: int) -> None:
-    """The runtime's pattern: receive posted before the send, wait, release the pooled buffer."""
+    """The runtime's pattern (schedule lowering): each receive is posted one action early,
+    before the wait for the previous message; a send follows its producer at once; buffers go
+    back to the pool after use; outstanding sends are flushed at the end (of the step).
+    """
     peer = 1 - p2p.rank
     first = p2p.rank == 0
-    for _ in range(reps):
-        if first:
-            transfer = p2p.irecv(tensor.shape, tensor.dtype, "cpu", peer, PONG, "pong")
-            p2p.isend(tensor, peer, PING)
-        else:
-            transfer = p2p.irecv(tensor.shape, tensor.dtype, "cpu", peer, PING, "ping")
-        p2p.wait(transfer)
-        if not first:
-            p2p.isend(tensor, peer, PONG)
-        p2p.release(transfer)
-        p2p.flush()
+    tag_in, tag_out = (PONG, PING) if first else (PING, PONG)
+
+    def post():
+        return p2p.irecv(
+            tensor.shape, tensor.dtype, "cpu", peer, tag_in, "pong" if first else "ping"
+        )
+
+    incoming = post()
+    if first:
+        p2p.isend(tensor, peer, tag_out)
+    for i in range(reps):
+        upcoming = post() if i + 1 < reps else None
+        p2p.wait(incoming)
+        if not first or i + 1 < reps:
+            p2p.isend(tensor, peer, tag_out)
+        p2p.release(incoming)
+        incoming = upcoming
+    p2p.flush()
 
 
 def measure(comm, run, nbytes: int, reps: int) -> float:

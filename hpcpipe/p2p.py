@@ -89,16 +89,18 @@ def wait_politely(request, deadline: float, describe, spin: float = 2e-4) -> flo
     waits for a slow peer).
     """
     start = time.perf_counter()
-    if request.Test():
-        return 0.0
     spin_until = start + spin
     polls = 0
-    while time.perf_counter() < spin_until:
+    while True:
         polls += 1
-        if polls % 8 == 0:
-            os.sched_yield()  # NOTE: every poll drives MPI progress; yielding each time slows it
         if request.Test():
             return time.perf_counter() - start
+        if polls % 8 == 0:
+            # NOTE: every poll drives MPI progress; yielding each time slows it. The clock is
+            # read only here too: it costs as much as a poll.
+            os.sched_yield()
+            if time.perf_counter() >= spin_until:
+                break
     delay = 5e-5
     while not request.Test():
         if time.monotonic() > deadline:
@@ -113,15 +115,26 @@ def spin_for(nbytes: int) -> float:
     return min(2e-4 + nbytes / 2e9, 1e-2)
 
 
+def _host_message(t: torch.Tensor) -> list:
+    """[buffer, datatype] over a contiguous, detached CPU tensor's memory (no view objects).
+
+    The buffer does not keep the tensor alive: callers hold it until the request completes.
+    16-bit floats go as INT16_T: the byte count over the datatype's size gives the count.
+    """
+    return [MPI.buffer.fromaddress(t.data_ptr(), t.nbytes), _MPI_TYPES[t.dtype]]
+
+
 class BufferPool:
     """Receive buffers reused across steps, keyed by (shape, dtype, device).
 
-    Each buffer keeps its ready-made MPI message, so a receive costs no view creation.
+    Each buffer keeps its key and ready-made MPI message, so a receive costs no view creation
+    and a release no key computation. The pool holds every buffer it made, so an id is never
+    reused while the pool lives.
     """
 
     def __init__(self):
         self._free: dict[tuple, list[torch.Tensor]] = {}
-        self._messages: dict[int, list] = {}
+        self._made: dict[int, tuple[torch.Tensor, tuple, list]] = {}
         self.allocated = 0
 
     def get(self, shape, dtype, device) -> torch.Tensor:
@@ -131,22 +144,26 @@ class BufferPool:
         if free:
             return free.pop()
         self.allocated += 1
-        pin = str(device) == "cpu" and torch.cuda.is_available()
+        pin = key[2] == "cpu" and torch.cuda.is_available()
         buffer = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
-        self._messages[id(buffer)] = _message(buffer)
+        self._made[id(buffer)] = (buffer, key, _message(buffer))
         return buffer
 
     def message(self, buffer: torch.Tensor) -> list:
         """The cached [buffer, datatype] of a pooled tensor."""
-        return self._messages[id(buffer)]
+        return self._made[id(buffer)][2]
 
     def put(self, tensor: torch.Tensor) -> None:
         """Return a buffer for reuse."""
-        key = (tuple(tensor.shape), tensor.dtype, str(tensor.device))
+        made = self._made.get(id(tensor))
+        if made is not None and made[0] is tensor:
+            key = made[1]
+        else:
+            key = (tuple(tensor.shape), tensor.dtype, str(tensor.device))
         self._free.setdefault(key, []).append(tensor)
 
 
-@dataclass
+@dataclass(slots=True)
 class Transfer:
     """One posted receive: where the data lands and what to tell the user if it never comes."""
 
@@ -156,6 +173,7 @@ class Transfer:
     peer: int
     tag: int
     what: str
+    spin: float
     received: bool = False
 
 
@@ -182,14 +200,17 @@ class P2P:
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
         staged = False
-        if tensor.device.type != "cpu":
-            if self.cuda_aware:
-                torch.cuda.current_stream(tensor.device).synchronize()
-            else:
-                host = self.pool.get(tensor.shape, tensor.dtype, "cpu")
-                host.copy_(tensor)
-                tensor, staged = host, True
-        message = self.pool.message(tensor) if staged else _message(tensor)
+        if tensor.is_cpu:
+            message = _host_message(tensor)  # the hot path: no checks that cannot fail here
+        else:
+            if not tensor.is_cpu:
+                if self.cuda_aware:
+                    torch.cuda.current_stream(tensor.device).synchronize()
+                else:
+                    host = self.pool.get(tensor.shape, tensor.dtype, "cpu")
+                    host.copy_(tensor)
+                    tensor, staged = host, True
+            message = self.pool.message(tensor) if staged else _message(tensor)
         request = self.comm.Isend(message, dest=peer, tag=tag)
         self._sends.append((request, tensor, staged))
         if len(self._sends) > 4:
@@ -204,23 +225,22 @@ class P2P:
             torch.cuda.current_stream(buffer.device).synchronize()
         request = self.comm.Irecv(self.pool.message(buffer), source=peer, tag=tag)
         device_tensor = None if cpu or not on_host else device
-        return Transfer(request, buffer, device_tensor, peer, tag, what)
+        spin = spin_for(buffer.nbytes)
+        return Transfer(request, buffer, device_tensor, peer, tag, what, spin)
 
     def wait(self, transfer: Transfer) -> torch.Tensor:
         """Block (politely) until the transfer's data is here; return it on the target device."""
-        if not transfer.received and transfer.request.Test():
-            transfer.received = True  # fast path: already here, nothing to wait for
         if not transfer.received:
-            deadline = time.monotonic() + self.timeout
             self.wait_seconds += wait_politely(
                 transfer.request,
-                deadline,
-                spin=spin_for(transfer.buffer.numel() * transfer.buffer.element_size()),
-                describe=lambda: (
-                    f"pipeline rank {self.rank}: no data for {transfer.what} from pipeline rank "
-                    f"{transfer.peer} (tag {transfer.tag}) within {self.timeout:.0f} s; the peer "
-                    "is stuck or dead (raise parallel.timeout if its stage is that slow)"
+                time.monotonic() + self.timeout,
+                lambda: (
+                    f"pipeline rank {self.rank}: no data for {transfer.what} from pipeline "
+                    f"rank {transfer.peer} (tag {transfer.tag}) within {self.timeout:.0f} s; "
+                    "the peer is stuck or dead (raise parallel.timeout if its stage is that "
+                    "slow)"
                 ),
+                spin=transfer.spin,
             )
             transfer.received = True
         if transfer.device_tensor is None:
@@ -246,17 +266,19 @@ class P2P:
 
     def flush(self) -> None:
         """Wait for every outstanding send (end of a step)."""
-        deadline = time.monotonic() + self.timeout
+        deadline = None
         for request, tensor, staged in self._sends:
-            self.wait_seconds += wait_politely(
-                request,
-                deadline,
-                lambda: (
-                    f"pipeline rank {self.rank}: a send was not received within "
-                    f"{self.timeout:.0f} s; a peer is stuck or dead"
-                ),
-                spin=spin_for(tensor.numel() * tensor.element_size()),
-            )
+            if not request.Test():
+                deadline = deadline or time.monotonic() + self.timeout
+                self.wait_seconds += wait_politely(
+                    request,
+                    deadline,
+                    lambda: (
+                        f"pipeline rank {self.rank}: a send was not received within "
+                        f"{self.timeout:.0f} s; a peer is stuck or dead"
+                    ),
+                    spin=spin_for(tensor.nbytes),
+                )
             if staged:
                 self.pool.put(tensor)
         self._sends.clear()
