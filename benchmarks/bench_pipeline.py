@@ -366,18 +366,29 @@ def report(runs: dict[str, list[dict]], k: int) -> str:
     return "\n".join(rows + derived(runs, med, k))
 
 
+def paired(runs: dict[str, list[dict]], kind: str, base: str, scale: float = 1.0) -> float:
+    """Median over rounds of kind / (scale x base) within each round.
+
+    NOTE: this machine's speed drifts by 10-20 % over minutes (a VM) even when no other process
+    runs; a ratio of two runs of the same round, minutes apart at most, cancels most of that,
+    which a ratio of medians over all rounds does not.
+    """
+    pairs = zip(runs[kind], runs[base], strict=True)
+    return statistics.median(a["tokens_per_s"] / (scale * b["tokens_per_s"]) for a, b in pairs)
+
+
 def derived(runs: dict[str, list[dict]], med: dict[str, float], k: int) -> list[str]:
     """Ratio, efficiencies against K x serial and against the concurrent ceiling, bubble."""
     ideal, ceiling = k * med["serial"], med["serial-xK"]
-    pairs = zip(runs["hpcpipe"], runs["torch"], strict=True)
-    ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs]
     bubble = statistics.median(r["bubble"] for r in runs["hpcpipe"])
     foreign = statistics.median(r["foreign_cores"] for rs in runs.values() for r in rs)
     return [
         f"  hpcpipe / torch          {med['hpcpipe'] / med['torch']:8.3f}   "
-        f"(median of per-round ratios {statistics.median(ratios):.3f})",
-        f"  efficiency hpcpipe       {med['hpcpipe'] / ideal:8.3f}   = tok/s / ({k} x serial)",
-        f"  efficiency torch         {med['torch'] / ideal:8.3f}",
+        f"(median of per-round ratios {paired(runs, 'hpcpipe', 'torch'):.3f})",
+        f"  efficiency hpcpipe       {med['hpcpipe'] / ideal:8.3f}   = tok/s / ({k} x serial) "
+        f"(median of per-round ratios {paired(runs, 'hpcpipe', 'serial', k):.3f})",
+        f"  efficiency torch         {med['torch'] / ideal:8.3f}   "
+        f"(median of per-round ratios {paired(runs, 'torch', 'serial', k):.3f})",
         f"  ceiling serial-xK        {ceiling / ideal:8.3f}   = {k} independent serial runs at "
         f"once / ({k} x serial)",
         f"  hpcpipe vs ceiling       {med['hpcpipe'] / ceiling:8.3f}   torch vs ceiling "
@@ -395,17 +406,25 @@ def schedule_report(runs: dict[str, list[dict]], k: int) -> str:
     rounds = len(runs["serial"])
     rows = [
         f"K={k}, M={MICROBATCHES}, V={VIRTUAL} for interleaved, {rounds} rounds; median "
-        "tokens/s, efficiency = tok/s / (K x serial accumulated), measured bubble:"
+        "tokens/s, efficiency = tok/s / (K x serial accumulated) from the medians and as the "
+        "median of per-round ratios, measured bubble:"
     ]
     for kind in SCHEDULE_CONTENDERS:
         bubble = (
             medians({kind: runs[kind]}, "bubble").get(kind) if "bubble" in runs[kind][0] else None
         )
         extra = f"   measured bubble {bubble:.3f}" if bubble is not None else ""
-        rows.append(f"  {kind:<22} {med[kind]:8,.0f}   efficiency {med[kind] / ideal:.3f}{extra}")
+        per_round = paired(runs, kind, "serial", k)
+        rows.append(
+            f"  {kind:<22} {med[kind]:8,.0f}   efficiency {med[kind] / ideal:.3f} "
+            f"(per round {per_round:.3f}){extra}"
+        )
     ours = max((k2 for k2 in SCHEDULE_CONTENDERS if k2.startswith("hpcpipe")), key=med.get)
     theirs = max((k2 for k2 in SCHEDULE_CONTENDERS if k2.startswith("torch")), key=med.get)
-    rows.append(f"  best hpcpipe ({ours}) / best torch ({theirs}) = {med[ours] / med[theirs]:.3f}")
+    rows.append(
+        f"  best hpcpipe ({ours}) / best torch ({theirs}) = {med[ours] / med[theirs]:.3f} "
+        f"(median of per-round ratios {paired(runs, ours, theirs):.3f})"
+    )
     return "\n".join(rows)
 
 
@@ -413,7 +432,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     parser.add_argument(
         "--quiet-wait", type=float, default=60.0, help="max s to wait for an idle machine per run"
