@@ -2,10 +2,15 @@
 
     python benchmarks/bench_checkpoint.py --rounds 5 [--mb 200] [--dir /tmp/ckbench]
 
-hpcpipe's side is the real thing: save_checkpoint (one shard file, CRC-32 per dataset, fsync,
+hpcpipe's side is the real thing: save_checkpoint (one shard file, XXH3-64 per dataset, fsync,
 atomic rename, `latest`) and load_checkpoint (checksums verified) on MPI.COMM_SELF. torch's side
 is torch.save of the same tensors (a dict) plus an fsync (so both are on disk when they return),
 and torch.load. Interleaved, alternating order; medians; GB/s = bytes / seconds.
+
+Loads run in a fresh process each (timed inside it, around the load call only), as a resume
+does: loading again in the process that just freed the previous load's tensors measures the
+memory allocator's reuse of warm pages more than the load (fresh pages cost ~0.4 ms/MB to fault
+in here, as much as reading them from the page cache).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,18 +30,22 @@ from mpi4py import MPI
 from hpcpipe.checkpoint import Shard, load_checkpoint, save_checkpoint
 
 
-def make_state(total_mb: int) -> dict[str, torch.Tensor]:
-    """Parameters and two moments each, transformer-sized matrices, total_mb MiB of float32."""
+def state_shapes(total_mb: int) -> dict[str, tuple[int, ...]]:
+    """Parameters and two moments each, transformer-sized, total_mb MiB of float32."""
     per = total_mb * 2**20 // 4 // 3  # parameter, exp_avg, exp_avg_sq
-    gen = torch.Generator().manual_seed(0)
-    state, left, i = {}, per, 0
+    shapes, left, i = {}, per, 0
     while left > 0:
         n = min(left, 1024 * 1024)
         for kind in ("", "optim.exp_avg/", "optim.exp_avg_sq/"):
-            state[f"{kind}layers.{i}.weight"] = torch.randn(n, generator=gen)
+            shapes[f"{kind}layers.{i}.weight"] = (n,)
         left -= n
         i += 1
-    return state
+    return shapes
+
+
+def make_state(total_mb: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(shape, generator=gen) for k, shape in state_shapes(total_mb).items()}
 
 
 def hpcpipe_save(state, root: Path, step: int) -> None:
@@ -42,8 +53,8 @@ def hpcpipe_save(state, root: Path, step: int) -> None:
     save_checkpoint(root, step, MPI.COMM_SELF, shards, True, "pp0_tp0", {"bench": True}, keep=1)
 
 
-def hpcpipe_load(state, root: Path) -> None:
-    wanted = [(k, tuple(v.shape), (0,) * v.dim(), tuple(v.shape)) for k, v in state.items()]
+def hpcpipe_load(shapes: dict, root: Path) -> None:
+    wanted = [(k, shape, (0,) * len(shape), shape) for k, shape in shapes.items()]
     load_checkpoint(root, wanted)
 
 
@@ -64,12 +75,41 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def load_worker(kind: str, work: Path, total_mb: int) -> None:
+    """In a fresh process: time one load, print the seconds."""
+    torch.set_num_threads(1)
+    shapes = state_shapes(total_mb)
+    if kind == "hpcpipe":
+        print(timed(lambda: hpcpipe_load(shapes, work / "h5")))
+    else:
+        print(timed(lambda: torch_load(work / "state.pt")))
+
+
+def fresh_load(kind: str, work: Path, total_mb: int) -> float:
+    """Seconds one load took in a new process (start-up and imports not counted)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--load-worker",
+        kind,
+        "--dir",
+        str(work),
+        "--mb",
+        str(total_mb),
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mb", type=int, default=200)
     parser.add_argument("--dir", default="/tmp/hpcpipe-ckbench")
+    parser.add_argument("--load-worker", choices=("hpcpipe", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.load_worker:
+        return load_worker(args.load_worker, Path(args.dir), args.mb)
     torch.set_num_threads(1)
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -77,17 +117,17 @@ def main() -> None:
     state = make_state(args.mb)
     nbytes = sum(v.numel() * v.element_size() for v in state.values())
     ops = {
-        "hpcpipe save": lambda r: hpcpipe_save(state, work / "h5", r),
-        "torch save": lambda r: torch_save(state, work / "state.pt"),
-        "hpcpipe load": lambda r: hpcpipe_load(state, work / "h5"),
-        "torch load": lambda r: torch_load(work / "state.pt"),
+        "hpcpipe save": lambda r: timed(lambda: hpcpipe_save(state, work / "h5", r)),
+        "torch save": lambda r: timed(lambda: torch_save(state, work / "state.pt")),
+        "hpcpipe load": lambda r: fresh_load("hpcpipe", work, args.mb),
+        "torch load": lambda r: fresh_load("torch", work, args.mb),
     }
     times = {k: [] for k in ops}
     for r in range(args.rounds + 1):
         pairs = [("hpcpipe save", "torch save"), ("hpcpipe load", "torch load")]
         for a, b in pairs:
             for name in (a, b) if r % 2 == 0 else (b, a):
-                elapsed = timed(lambda n=name, step=r + 1: ops[n](step))
+                elapsed = ops[name](r + 1)
                 if r:  # round 0 warms the page cache and the file system
                     times[name].append(elapsed)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -1,22 +1,22 @@
-"""Per-dataset checksums of checkpoint pieces: CRC-32 now, SHA-256 in format version 1.
+"""Per-dataset checksums of checkpoint pieces: XXH3-64 now, SHA-256 in format version 1.
 
-CRC-32 (zlib, the check zip files and so torch.save use) runs at about 4 GB/s on one core here,
-SHA-256 at about 1.7 GB/s even with the CPU's SHA instructions; a checkpoint is hashed on every
-save and every load, so the faster check keeps hashing off the critical path (it runs on a helper
-thread while HDF5 reads or writes the next piece; zlib releases the GIL). CRC-32 finds every
-burst error up to 32 bits and misses a random corruption with probability 2^-32: it guards
-against torn writes and bit rot, not against tampering.
+Every save and every load hashes every byte, so the hash's speed is the checkpoint's speed:
+measured here on one core, XXH3-64 (the `xxhash` package) runs at about 22 GB/s, zlib's
+CRC-32 at 3.9 GB/s, SHA-256 at 1.7 GB/s even with the CPU's SHA instructions. It runs on a
+helper thread while HDF5 reads or writes the next piece (xxhash releases the GIL). A 64-bit
+hash misses a random corruption with probability 2^-64: it guards against torn writes and
+bit rot, not against tampering (neither does torch.save's CRC-32).
 """
 
 from __future__ import annotations
 
 import hashlib
-import zlib
 
 import numpy as np
+import xxhash
 
-WRITTEN = "crc32"  # the algorithm new checkpoints record
-KNOWN = ("crc32", "sha256")  # what a piece may record (sha256: format version 1)
+WRITTEN = "xxh3_64"  # the algorithm new checkpoints record
+KNOWN = ("xxh3_64", "sha256")  # what a piece may record (sha256: format version 1)
 
 
 def _bytes(arr: np.ndarray) -> memoryview:
@@ -26,8 +26,8 @@ def _bytes(arr: np.ndarray) -> memoryview:
 
 def compute(algorithm: str, arr: np.ndarray) -> str:
     """The checksum of an array's stored bytes as a hex string."""
-    if algorithm == "crc32":
-        return f"{zlib.crc32(_bytes(arr)):08x}"
+    if algorithm == "xxh3_64":
+        return xxhash.xxh3_64_hexdigest(_bytes(arr))
     if algorithm == "sha256":
         return hashlib.sha256(_bytes(arr)).hexdigest()
     raise ValueError(f"unknown checksum algorithm {algorithm!r}; known: {KNOWN}")

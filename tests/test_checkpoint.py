@@ -104,7 +104,7 @@ def test_datasets_are_flat_with_attributes(tmp_path):
         assert list(ds.attrs["global_shape"]) == [6, 4] and list(ds.attrs["offsets"]) == [0, 0]
         assert f["layers.1.ln.weight"].attrs["dtype"] == "bfloat16"
         assert f["layers.1.ln.weight"].dtype == "uint16"
-        assert len(ds.attrs["crc32"]) == 8
+        assert len(ds.attrs["xxh3_64"]) == 16
 
 
 def test_load_a_slice_of_a_tensor_saved_whole(tmp_path):
@@ -132,7 +132,7 @@ def test_load_across_pieces_saved_in_two_files(tmp_path, dim):
 
 def test_pieces_that_do_not_tile_are_refused():
     record = {"name": "w", "global_shape": [4], "dtype": "float32", "file": "a.h5"}
-    piece = {"dataset": "w", "shape": [2], "crc32": "x"}
+    piece = {"dataset": "w", "shape": [2], "xxh3_64": "x"}
     half = [{**record, **piece, "offsets": [0]}]
     with pytest.raises(CheckpointError, match="hold 2 of the 4 elements"):
         ck.build_manifest({}, 1, half)
@@ -190,18 +190,20 @@ def test_corrupt_byte_names_file_and_dataset(tmp_path):
     assert len(problems) == 1 and "checksum" in problems[0]
 
 
-def test_checksums_are_crc32_of_the_stored_bytes():
-    assert checksum.compute("crc32", np.frombuffer(b"123456789", dtype=np.uint8)) == "cbf43926"
-    assert checksum.compute("sha256", np.zeros(0, dtype=np.uint8)).startswith("e3b0c442")
-    big_endian = np.arange(4, dtype=">f8")
-    little = big_endian.astype("<f8")
-    assert ck.crc32(little) == checksum.compute("crc32", np.arange(4, dtype="<f8"))
+def test_checksums_are_xxh3_64_of_the_stored_bytes():
+    empty = np.zeros(0, dtype=np.uint8)
+    assert checksum.compute("xxh3_64", empty) == "2d06800538d394c2"  # xxHash's test vector
+    assert checksum.compute("sha256", empty).startswith("e3b0c442")
+    x = np.arange(6, dtype="<f8")
+    assert ck.digest_of(x) == checksum.compute("xxh3_64", x)
+    assert ck.digest_of(x) != ck.digest_of(x[::-1].copy())  # order matters, unlike a sum
+    assert ck.digest_of(x.reshape(2, 3)) == ck.digest_of(x)  # bytes, not shape
     with pytest.raises(ValueError, match="unknown checksum algorithm 'md4'"):
-        checksum.compute("md4", little)
+        checksum.compute("md4", x)
 
 
 def as_format_version_1(step_dir) -> None:
-    """Rewrite a step as hpcpipe format 1 wrote it: SHA-256 per piece instead of CRC-32."""
+    """Rewrite a step as hpcpipe format 1 wrote it: SHA-256 per piece instead of XXH3-64."""
     manifest = json.loads((step_dir / "manifest.json").read_text())
     manifest["format_version"] = 1
     with h5py.File(step_dir / "pp0_tp0.h5", "a") as f:
@@ -209,7 +211,7 @@ def as_format_version_1(step_dir) -> None:
             for piece in entry["pieces"]:
                 ds = f[piece["dataset"]]
                 piece["sha256"] = checksum.compute("sha256", np.asarray(ds[()]))
-                del piece["crc32"], ds.attrs["crc32"]
+                del piece["xxh3_64"], ds.attrs["xxh3_64"]
                 ds.attrs["sha256"] = piece["sha256"]
     (step_dir / "manifest.json").write_text(json.dumps(manifest))
 
