@@ -9,11 +9,14 @@
 3. For each schedule at M = --m: predict (simulated span + overhead), then train and trace it.
 Prints predicted vs measured step time and the error (target: within 15%). The global batch
 stays 32 sequences, so micro-batches are smaller at larger M: T_F/T_B scale by fit_m / m.
+Every run is repeated --repeats times (fits and measurements are medians): one traced step on
+this VM varies by 10-20 % from run to run.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,16 +49,29 @@ def span(events) -> float:
     return max(t.end for t in timeline) - min(t.start for t in timeline)
 
 
+def median_fit(args, tmp: Path) -> tuple[Costs, float]:
+    """Costs and per-step overhead fitted on each of --repeats traced ZB-H1 runs, medians."""
+    fits, overheads = [], []
+    for _ in range(args.repeats):
+        meta, events = traced_run(args.ranks, "zb-h1", args.fit_m, 1, tmp / "fit.json")
+        fits.append(fit_costs(compute_timeline(events), V=1))
+        overheads.append(meta["step_time"] - span(events))
+    fields = ("t_f", "t_b", "t_w", "t_comm")
+    median = {k: statistics.median(getattr(c, k) for c in fits) for k in fields}
+    return Costs(median["t_f"], median["t_b"], median["t_w"], median["t_comm"]), statistics.median(
+        overheads
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--fit-m", type=int, default=4)
     parser.add_argument("--m", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per fit and measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        meta, events = traced_run(args.ranks, "zb-h1", args.fit_m, 1, Path(tmp) / "fit.json")
-        fitted = fit_costs(compute_timeline(events), V=1)
-        overhead = meta["step_time"] - span(events)
+        fitted, overhead = median_fit(args, Path(tmp))
         scale = args.fit_m / args.m  # same global batch: smaller micro-batches
         print(f"fitted at M={args.fit_m}: T_F={fitted.t_f * 1e3:.1f} ms T_B="
               f"{fitted.t_b * 1e3:.1f} ms T_W={fitted.t_w * 1e3:.1f} ms T_comm="
@@ -69,8 +85,10 @@ def main() -> None:
                 f, b + w, 0.0, fitted.t_comm)  # fmt: skip
             sim = predict(name, args.ranks, args.m, V, costs)
             predicted = sim.step_time + overhead
-            meta2, _ = traced_run(args.ranks, name, args.m, V, Path(tmp) / f"{name}.json")
-            measured = meta2["step_time"]
+            measured = statistics.median(
+                traced_run(args.ranks, name, args.m, V, Path(tmp) / f"{name}.json")[0]["step_time"]
+                for _ in range(args.repeats)
+            )
             error = (predicted - measured) / measured
             print(f"{name:<14} {predicted * 1e3:8.0f} ms {measured * 1e3:8.0f} ms {error:+7.1%}",
                   flush=True)  # fmt: skip
