@@ -211,7 +211,7 @@ def as_format_version_1(step_dir) -> None:
             for piece in entry["pieces"]:
                 ds = f[piece["dataset"]]
                 piece["sha256"] = checksum.compute("sha256", np.asarray(ds[()]))
-                del piece["xxh3_64"], ds.attrs["xxh3_64"]
+                del piece["xxh3_64"], ds.attrs["xxh3_64"], piece["byte_offset"]
                 ds.attrs["sha256"] = piece["sha256"]
     (step_dir / "manifest.json").write_text(json.dumps(manifest))
 
@@ -227,6 +227,21 @@ def test_format_version_1_checkpoints_still_load_and_verify(tmp_path):
     flip_byte(path, dataset_offset(path, "layers.0.mlp.fc.weight") + 5)
     with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.fc\.weight.*checksum mismatch"):
         ck.load_checkpoint(step_dir, wanted_whole(tensors))
+
+
+def test_loads_read_at_the_recorded_byte_offset_and_the_checksum_guards_it(tmp_path):
+    tensors = model_tensors()
+    step_dir = save(tmp_path / "run", 1, tensors)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    piece = manifest["tensors"]["layers.0.mlp.fc.weight"]["pieces"][0]
+    path = step_dir / "pp0_tp0.h5"
+    assert piece["byte_offset"] == dataset_offset(path, "layers.0.mlp.fc.weight")
+    _, got = ck.load_checkpoint(step_dir, wanted_whole(tensors))
+    assert all(torch.equal(got[n], t) for n, t in tensors.items())
+    piece["byte_offset"] = dataset_offset(path, "layers.0.attn.qkv.weight")  # wrong bytes
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.fc\.weight.*checksum mismatch"):
+        ck.load_checkpoint(step_dir, [("layers.0.mlp.fc.weight", (5, 3), (0, 0), (5, 3))])
 
 
 def test_a_newer_format_is_refused_with_upgrade_advice(tmp_path):
