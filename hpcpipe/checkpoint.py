@@ -408,11 +408,22 @@ def read_dataset(ds: h5py.Dataset, fd: int | None = None) -> np.ndarray:
     return read_bytes(fd, offset, ds.dtype, ds.shape)
 
 
-def read_bytes(fd: int, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """An array of `shape` and `dtype` read from `fd` at byte `offset` (OSError when short)."""
+def _bytes_of(tensor: torch.Tensor | None) -> np.ndarray | None:
+    """A writable uint8 view of a contiguous CPU tensor's memory (None passes through)."""
+    return None if tensor is None else tensor.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+def read_bytes(
+    fd: int, offset: int, dtype: np.dtype, shape: tuple[int, ...], view: np.ndarray | None = None
+) -> np.ndarray:
+    """An array of `shape` and `dtype` read from `fd` at byte `offset` (OSError when short).
+
+    With `view` (uint8, exactly the bytes needed), the bytes land there: in place.
+    """
     # NOTE: memory from torch's allocator, which puts big buffers on huge pages (see
     # hpcpipe/__init__.py): the page faults of fresh memory cost as much as the read itself.
-    view = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8).numpy()
+    if view is None:
+        view = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8).numpy()
     done = 0
     while done < view.nbytes:  # Linux reads at most 2 GiB per call
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -452,13 +463,17 @@ class _Files:
                 ) from None
         return self.open[file_name]
 
-    def read(self, piece: dict, name: str, entry: dict, thorough: bool = False) -> np.ndarray:
+    def read(
+        self, piece: dict, name: str, entry: dict, thorough: bool = False, into=None
+    ) -> np.ndarray:
         """One saved piece, checked against the manifest (shape, dtype, checksum).
 
         Where the manifest records the piece's byte offset, the bytes are read from there
         without opening the dataset (HDF5's per-object reads cost about a third of a load);
         the checksum still proves they are the bytes saved under this name, dtype and shape.
         `thorough` also checks the dataset's own shape and dtype attributes (verify does).
+        `into` (a C-contiguous CPU tensor of the piece's dtype and shape) receives the bytes
+        straight from the file when they can be read that way; check `arr` to know.
         """
         where = f"{self.step_dir / piece['file']}, dataset {piece['dataset']!r}"
         f = self.get(piece["file"])
@@ -468,7 +483,8 @@ class _Files:
         if not thorough and fd is not None and offset is not None:
             dtype = np.dtype(_STORAGE[_BY_NAME[entry["dtype"]]]).newbyteorder("<")
             try:
-                arr = read_bytes(fd, offset, dtype, tuple(piece["shape"]))
+                shape = tuple(piece["shape"])
+                arr = read_bytes(fd, offset, dtype, shape, _bytes_of(into))
             except OSError as exc:
                 raise CheckpointError(
                     f"{where}: unreadable ({exc}); the file is truncated"
@@ -520,13 +536,47 @@ def _as_tensor(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.dtype(_STORAGE[dtype]), copy=False))
 
 
-def assemble(files: _Files, name: str, entry: dict, offsets, shape) -> torch.Tensor:
-    """The wanted slice of one global tensor, filled from every saved piece that overlaps it."""
+def _readable_into(target, dtype: torch.dtype, shape: tuple) -> bool:
+    """Whether file bytes can land in `target` as they are."""
+    return (
+        target is not None
+        and target.device.type == "cpu"
+        and target.dtype == dtype
+        and tuple(target.shape) == shape
+        and target.is_contiguous()
+    )
+
+
+def assemble(files: _Files, name: str, entry: dict, offsets, shape, into=None) -> torch.Tensor:
+    """The wanted slice of one global tensor, filled from every saved piece that overlaps it.
+
+    With `into` (a tensor of the wanted shape), the values are written there and it is
+    returned: read straight from the file where possible, else copied (and cast).
+    """
     dtype = _BY_NAME[entry["dtype"]]
     shape, offsets = tuple(shape), tuple(offsets)
     for piece in entry["pieces"]:  # fast path: a piece that is exactly the wanted slice
         if tuple(piece["offsets"]) == offsets and tuple(piece["shape"]) == shape:
-            return _as_tensor(files.read(piece, name, entry), dtype).reshape(shape)
+            direct = into if _readable_into(into, dtype, shape) else None
+            arr = files.read(piece, name, entry, into=direct)
+            if direct is not None and np.shares_memory(arr, _bytes_of(direct)):
+                return direct
+            return _into(into, _as_tensor(arr, dtype).reshape(shape))
+    out = _pieces(files, name, entry, offsets, shape, dtype)
+    return _into(into, out)
+
+
+def _into(target, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or copied into `target` when one is given."""
+    if target is None:
+        return tensor
+    with torch.no_grad():
+        target.copy_(tensor)
+    return target
+
+
+def _pieces(files: _Files, name: str, entry: dict, offsets, shape, dtype) -> torch.Tensor:
+    """The wanted slice assembled from the overlapping parts of several saved pieces."""
     out = torch.empty(shape, dtype=dtype)
     filled, seen = 0, set()
     for piece in entry["pieces"]:
@@ -569,18 +619,23 @@ def load_checkpoint(
     path: str | Path,
     wanted: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
     device="cpu",
+    into: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest, {name: tensor}) for the (name, global_shape, offsets, local_shape) wanted.
 
     Tensors come back in their saved dtype; the caller casts if it trains in another one.
+    `into` maps names to existing tensors of the local shape (a resume's parameters and
+    optimizer state) that receive the values in place, as torch.distributed.checkpoint does:
+    contiguous CPU ones of the saved dtype straight from the file, others by a copy. A load
+    that fails may have written some of them.
     """
     step_dir = resolve(path)
     manifest = read_manifest(step_dir)
-    out = {}
+    out, into = {}, into or {}
     with _Files(step_dir) as files:
         for name, gshape, offsets, shape in wanted:
             entry = _check_wanted(step_dir, manifest, name, gshape, offsets, shape)
-            out[name] = assemble(files, name, entry, offsets, shape)
+            out[name] = assemble(files, name, entry, offsets, shape, into.get(name))
     return manifest, {name: t.to(device) for name, t in out.items()}
 
 

@@ -126,14 +126,31 @@ def _wanted(trainer) -> list[tuple]:
 
 
 def restore(trainer, path) -> dict:
-    """Load parameters, AdamW state, sampler position and step from any layout's checkpoint."""
-    meta, tensors = load_checkpoint(path, _wanted(trainer))
+    """Load parameters, AdamW state, sampler position and step from any layout's checkpoint.
+
+    Values land in place: in the parameters, and in AdamW moments made here for them.
+    """
+    destinations, states = {}, {}
+    for name, p in trainer.named_params:
+        stored = canonical_name(trainer, name)
+        _, _, local = _placement(trainer, name, p)
+        state = states.setdefault(id(p), {m: torch.zeros_like(p) for m in MOMENTS})
+        destinations[stored] = _trim(p.detach(), local)
+        for moment in MOMENTS:
+            destinations[f"optim.{moment}/{stored}"] = _trim(state[moment], local)
+    meta, tensors = load_checkpoint(path, _wanted(trainer), into=destinations)
     with torch.no_grad():
         for name, p in trainer.named_params:
             stored = canonical_name(trainer, name)
             _, _, local = _placement(trainer, name, p)
-            _trim(p, local).copy_(tensors[stored])
-            trainer.optimizer.state[p] = _optim_state(p, tensors, stored, local)
+            # NOTE: two parameters of one rank can share a stored name (tied embeddings on
+            # one stage); the load filled one of them in place, the other is copied here.
+            _fill(_trim(p, local), tensors[stored])
+            state = {m: states[id(p)][m] for m in MOMENTS}
+            for moment in MOMENTS:
+                _fill(_trim(state[moment], local), tensors[f"optim.{moment}/{stored}"])
+            state["step"] = tensors[f"optim.step/{stored}"].to(torch.float32).reshape(())
+            trainer.optimizer.state[p] = state
     trainer.step_index = meta["lr_schedule"]["step"]
     if trainer.sampler is not None:
         trainer.sampler.load_state_dict(meta["sampler"])
@@ -144,14 +161,10 @@ def restore(trainer, path) -> dict:
     return meta
 
 
-def _optim_state(p, tensors: dict, stored: str, local) -> dict:
-    """AdamW's per-parameter state rebuilt in the parameter's own dtype and shape."""
-    state = {"step": tensors[f"optim.step/{stored}"].to(torch.float32).reshape(())}
-    for moment in MOMENTS:
-        value = torch.zeros_like(p)
-        _trim(value, local).copy_(tensors[f"optim.{moment}/{stored}"])
-        state[moment] = value
-    return state
+def _fill(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Copy a loaded tensor into its destination unless it was loaded there in place."""
+    if target.data_ptr() != loaded.data_ptr() or target.dtype != loaded.dtype:
+        target.copy_(loaded)
 
 
 def check_layout_change(saved: dict, config) -> list[str]:

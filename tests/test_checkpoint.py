@@ -244,6 +244,28 @@ def test_loads_read_at_the_recorded_byte_offset_and_the_checksum_guards_it(tmp_p
         ck.load_checkpoint(step_dir, [("layers.0.mlp.fc.weight", (5, 3), (0, 0), (5, 3))])
 
 
+def test_load_into_existing_tensors_fills_them_in_place(tmp_path):
+    tensors = model_tensors()
+    step_dir = save(tmp_path / "run", 1, tensors)
+    into = {n: torch.zeros_like(t) for n, t in tensors.items()}
+    into["layers.0.mlp.fc.weight"] = torch.zeros(5, 3, dtype=torch.float64)  # another dtype
+    wide = torch.zeros(6, 8, dtype=torch.float64)
+    into["layers.0.attn.qkv.weight"] = wide[:, :4]  # not contiguous
+    _, got = ck.load_checkpoint(step_dir, wanted_whole(tensors), into=into)
+    for name, t in tensors.items():
+        assert got[name] is into[name]
+        assert torch.equal(got[name], t.to(got[name].dtype))
+    assert torch.equal(wide[:, 4:], torch.zeros(6, 4, dtype=torch.float64))
+    slice_into = torch.zeros(2, 2, dtype=torch.float64)
+    _, got = ck.load_checkpoint(
+        step_dir,
+        [("layers.0.attn.qkv.weight", (6, 4), (1, 2), (2, 2))],
+        into={"layers.0.attn.qkv.weight": slice_into},
+    )
+    assert got["layers.0.attn.qkv.weight"] is slice_into
+    assert torch.equal(slice_into, tensors["layers.0.attn.qkv.weight"][1:3, 2:4])
+
+
 def test_a_newer_format_is_refused_with_upgrade_advice(tmp_path):
     step_dir = save(tmp_path / "run", 1, model_tensors())
     manifest = json.loads((step_dir / "manifest.json").read_text())
