@@ -99,11 +99,6 @@ def dataset_name(name: str) -> str:
     return name.replace("%", "%25").replace("/", "%2F")
 
 
-def tensor_name(dataset: str) -> str:
-    """Inverse of dataset_name."""
-    return dataset.replace("%2F", "/").replace("%25", "%")
-
-
 # ---------------------------------------------------------------- tensors <-> arrays
 
 
@@ -118,14 +113,6 @@ def to_array(tensor: torch.Tensor) -> np.ndarray:
     # NOTE: not np.ascontiguousarray: it turns a 0-d array (a scalar tensor) into shape (1,).
     arr = t.numpy()
     return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-
-
-def from_array(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Tensor of `dtype` from what to_array stored."""
-    arr = np.asarray(arr).astype(np.dtype(_STORAGE[dtype]), copy=False)
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(arr.copy())
 
 
 def digest_of(arr: np.ndarray) -> str:
@@ -469,11 +456,11 @@ class _Files:
         """One saved piece, checked against the manifest (shape, dtype, checksum).
 
         Where the manifest records the piece's byte offset, the bytes are read from there
-        without opening the dataset (HDF5's per-object reads cost about a third of a load);
+        without opening the dataset (HDF5's per-object reads cost about 20 % of a load);
         the checksum still proves they are the bytes saved under this name, dtype and shape.
         `thorough` also checks the dataset's own shape and dtype attributes (verify does).
         `into` (a C-contiguous CPU tensor of the piece's dtype and shape) receives the bytes
-        straight from the file when they can be read that way; check `arr` to know.
+        on that path, and the array returned is a view of it; on the other path it is not.
         """
         where = f"{self.step_dir / piece['file']}, dataset {piece['dataset']!r}"
         f = self.get(piece["file"])
@@ -500,7 +487,7 @@ class _Files:
                 f"{entry['dtype']!r}"
             )
         try:
-            arr = read_dataset(ds, self.fds[piece["file"]])
+            arr = read_dataset(ds, fd)
         except OSError as exc:
             raise CheckpointError(f"{where}: unreadable ({exc}); the file is truncated") from None
         return self._checked(arr.astype(arr.dtype.newbyteorder("<"), copy=False), piece, where)
@@ -559,7 +546,7 @@ def assemble(files: _Files, name: str, entry: dict, offsets, shape, into=None) -
         if tuple(piece["offsets"]) == offsets and tuple(piece["shape"]) == shape:
             direct = into if _readable_into(into, dtype, shape) else None
             arr = files.read(piece, name, entry, into=direct)
-            if direct is not None and np.shares_memory(arr, _bytes_of(direct)):
+            if direct is not None and np.may_share_memory(arr, _bytes_of(direct)):
                 return direct
             return _into(into, _as_tensor(arr, dtype).reshape(shape))
     out = _pieces(files, name, entry, offsets, shape, dtype)

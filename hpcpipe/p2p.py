@@ -202,15 +202,14 @@ class P2P:
         staged = False
         if tensor.is_cpu:
             message = _host_message(tensor)  # the hot path: no checks that cannot fail here
+        elif self.cuda_aware:
+            torch.cuda.current_stream(tensor.device).synchronize()
+            message = _message(tensor)
         else:
-            if not tensor.is_cpu:
-                if self.cuda_aware:
-                    torch.cuda.current_stream(tensor.device).synchronize()
-                else:
-                    host = self.pool.get(tensor.shape, tensor.dtype, "cpu")
-                    host.copy_(tensor)
-                    tensor, staged = host, True
-            message = self.pool.message(tensor) if staged else _message(tensor)
+            host = self.pool.get(tensor.shape, tensor.dtype, "cpu")
+            host.copy_(tensor)
+            tensor, staged = host, True
+            message = self.pool.message(host)
         request = self.comm.Isend(message, dest=peer, tag=tag)
         self._sends.append((request, tensor, staged))
         if len(self._sends) > 4:
