@@ -115,13 +115,16 @@ def spin_for(nbytes: int) -> float:
     return min(2e-4 + nbytes / 2e9, 1e-2)
 
 
+_from_address = MPI.buffer.fromaddress
+
+
 def _host_message(t: torch.Tensor) -> list:
     """[buffer, datatype] over a contiguous, detached CPU tensor's memory (no view objects).
 
     The buffer does not keep the tensor alive: callers hold it until the request completes.
     16-bit floats go as INT16_T: the byte count over the datatype's size gives the count.
     """
-    return [MPI.buffer.fromaddress(t.data_ptr(), t.nbytes), _MPI_TYPES[t.dtype]]
+    return [_from_address(t.data_ptr(), t.nbytes), _MPI_TYPES[t.dtype]]
 
 
 class BufferPool:
@@ -192,16 +195,26 @@ class P2P:
         # NOTE: TAG_UB is only guaranteed on COMM_WORLD, not on derived communicators.
         self.tag_ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
         self.rank = self.comm.Get_rank()
+        self._comm_isend = self.comm.Isend  # bound once: isend is on every hop's critical path
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         """Start sending; the tensor is kept alive until the send completes."""
-        if tensor.requires_grad:
-            tensor = tensor.detach()
-        if not tensor.is_contiguous():
-            tensor = tensor.contiguous()
+        if tensor.is_cpu and tensor.is_contiguous():
+            # The hot path, on the critical path of every hop: the fewest Python calls that
+            # are still safe (a tensor that requires grad is only read here, never written).
+            message = [_from_address(tensor.data_ptr(), tensor.nbytes), _MPI_TYPES[tensor.dtype]]
+            self._sends.append((self._comm_isend(message, peer, tag), tensor, False))
+        else:
+            self._isend_other(tensor, peer, tag)
+        if len(self._sends) > 4:
+            self._reap_sends()
+
+    def _isend_other(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        """Non-contiguous or device tensors: made contiguous, staged through host if needed."""
+        tensor = tensor.detach().contiguous()
         staged = False
         if tensor.is_cpu:
-            message = _host_message(tensor)  # the hot path: no checks that cannot fail here
+            message = _host_message(tensor)
         elif self.cuda_aware:
             torch.cuda.current_stream(tensor.device).synchronize()
             message = _message(tensor)
@@ -210,10 +223,7 @@ class P2P:
             host.copy_(tensor)
             tensor, staged = host, True
             message = self.pool.message(host)
-        request = self.comm.Isend(message, dest=peer, tag=tag)
-        self._sends.append((request, tensor, staged))
-        if len(self._sends) > 4:
-            self._reap_sends()
+        self._sends.append((self.comm.Isend(message, peer, tag), tensor, staged))
 
     def irecv(self, shape, dtype, device, peer: int, tag: int, what: str) -> Transfer:
         """Post a receive into a pooled buffer; `wait` hands back the tensor."""
@@ -229,7 +239,7 @@ class P2P:
 
     def wait(self, transfer: Transfer) -> torch.Tensor:
         """Block (politely) until the transfer's data is here; return it on the target device."""
-        if not transfer.received:
+        if not transfer.received and not transfer.request.Test():
             self.wait_seconds += wait_politely(
                 transfer.request,
                 time.monotonic() + self.timeout,
@@ -241,7 +251,7 @@ class P2P:
                 ),
                 spin=transfer.spin,
             )
-            transfer.received = True
+        transfer.received = True
         if transfer.device_tensor is None:
             return transfer.buffer
         staged, transfer.buffer = transfer.buffer, transfer.buffer.to(transfer.device_tensor)
