@@ -197,14 +197,45 @@ def compute_zb_h1(K: int, M: int, V: int = 1) -> Schedule:
     return schedule
 
 
+def compute_interleaved_zb(K: int, M: int, V: int = 2) -> Schedule:
+    """Interleaved 1F1B with the backward split and W deferred (as torch's
+    ScheduleInterleavedZeroBubble, ZB-H1's idea on V chunks).
+
+    Interleaved 1F1B's rank r finishes its backwards about 2r chunk-actions before rank 0
+    (its warm-up is 2 shorter per downstream rank). Here rank r runs each W 2r backwards after
+    its B, so its B's reach the upstream ranks that much sooner, and its last 2r W's fill the
+    time it would have idled at the end. With T_F = T_B = T_W the bubble left is the pipeline's
+    fill; activations are held until W, which adds nothing to the peak of rank 0 (lag 0) and
+    keeps every rank within rank 0's peak.
+    """
+    schedule = compute_interleaved(K, M, V)
+    return {rank: _defer_weight_grads(actions, 2 * rank) for rank, actions in schedule.items()}
+
+
+def _defer_weight_grads(actions: list[Action], lag: int) -> list[Action]:
+    """Split every B into B and W, each W placed `lag` B's later (the last ones at the end)."""
+    out: list[Action] = []
+    backwards: list[Action] = []
+    for action in actions:
+        out.append(action)
+        if action.kind == Kind.B:
+            backwards.append(action)
+            if len(backwards) > lag:
+                done = backwards[len(backwards) - 1 - lag]
+                out.append(Action(done.stage, Kind.W, done.microbatch))
+    tail = backwards[max(0, len(backwards) - lag) :]
+    return out + [Action(b.stage, Kind.W, b.microbatch) for b in tail]
+
+
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gpipe": compute_gpipe,
     "1f1b": compute_1f1b,
     "interleaved": compute_interleaved,
     "zb-h1": compute_zb_h1,
+    "interleaved-zb": compute_interleaved_zb,
 }
 # Schedules whose backward is split into B (input gradient) and W (weight gradient).
-SPLIT_BACKWARD = frozenset({"zb-h1"})
+SPLIT_BACKWARD = frozenset({"zb-h1", "interleaved-zb"})
 
 
 # ---------------------------------------------------------------- lowering

@@ -1,6 +1,6 @@
 """The cases each MPI world size runs (shared by the driver and the pytest files)."""
 
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2)]
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2), ("interleaved-zb", 2)]
 # (dp, pp, tp) layouts beyond the pure pipeline, by world size.
 LAYOUTS_3D = {2: [(2, 1, 1), (1, 1, 2)], 4: [(2, 2, 1), (1, 2, 2), (2, 1, 2)], 8: [(2, 2, 2)]}
 
@@ -14,7 +14,7 @@ def pipeline_cases(world: int) -> list[dict]:
     """Pure pipeline (pp = world): every schedule over several M, +/- recompute."""
     out = []
     for name, V in SCHEDULES:
-        Ms = {1, 3, world, 2 * world} if name == "interleaved" else {1, 3, world, 2 * world + 1}
+        Ms = {1, 3, world, 2 * world} if V > 1 else {1, 3, world, 2 * world + 1}
         for M in sorted(Ms):
             for recompute in (False, True):
                 out.append(case(name, V, M, recompute, (1, world, 1)))

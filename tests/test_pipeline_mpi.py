@@ -61,7 +61,10 @@ def test_activation_memory_bound(results, world, case):
     else:  # interleaved: counted in chunks; Megatron's warm-up bound
         V = case["virtual"]
         R = M // max(1, M // K)
-        assert all(p <= min((V - 1) * R + 2 * (K - 1 - r) + 1, M * V) for r, p in enumerate(peaks))
+        bounds = [min((V - 1) * R + 2 * (K - 1 - r) + 1, M * V) for r in range(K)]
+        if case["schedule"] == "interleaved-zb":  # deferred W's: within the first rank's bound
+            bounds = [bounds[0]] * K
+        assert all(p <= b for p, b in zip(peaks, bounds, strict=True))
 
 
 @pytest.mark.parametrize("world, case", BF16, ids=[case_id(c) for _, c in BF16])

@@ -16,6 +16,7 @@ from hpcpipe.schedule import (
     compute_1f1b,
     compute_gpipe,
     compute_interleaved,
+    compute_interleaved_zb,
     compute_zb_h1,
     from_csv,
     interleaved_round,
@@ -24,6 +25,7 @@ from hpcpipe.schedule import (
     to_csv,
     validate,
 )
+from hpcpipe.simulate import Costs, simulate
 
 GRID = [(name, K, M) for name in ("gpipe", "1f1b") for K in range(1, 9) for M in range(1, 18)]
 
@@ -315,6 +317,9 @@ def test_render_grid_is_uniform_for_k4_m8():
 # ---------------------------------------------------------------- interleaved and zero-bubble
 
 
+INTERLEAVED = ("interleaved", "interleaved-zb")
+
+
 def interleaved_valid(K: int, M: int) -> bool:
     try:
         interleaved_round(K, M)
@@ -328,8 +333,8 @@ def test_every_schedule_validates_over_the_whole_grid(K):
     """K <= 8, M <= 32, V <= 4: every generated schedule passes the validator."""
     for M in range(1, 33):
         for name in SCHEDULES:
-            for V in range(1, 5) if name in ("gpipe", "interleaved") else (1,):
-                if name == "interleaved" and not interleaved_valid(K, M):
+            for V in range(1, 5) if name in ("gpipe", *INTERLEAVED) else (1,):
+                if name in INTERLEAVED and not interleaved_valid(K, M):
                     continue
                 sched = build_schedule(name, K, M, V)
                 kinds = "FBW" if name in SPLIT_BACKWARD else "FB"
@@ -392,6 +397,53 @@ def test_zb_h1_defers_weight_gradients_on_later_ranks():
     sched = compute_zb_h1(3, 4)
     assert [str(a) for a in sched[0]][:6] == ["0F0", "0F1", "0F2", "0B0", "0W0", "0F3"]
     assert [str(a) for a in sched[2]][:6] == ["2F0", "2B0", "2F1", "2B1", "2F2", "2B2"]
+
+
+def interleaved_pairs(K: int):
+    """(M, V, interleaved, interleaved-zb) over M <= 32 (where interleaved runs), V <= 4."""
+    for M in range(1, 33):
+        if interleaved_valid(K, M):
+            for V in range(1, 5):
+                yield (
+                    M,
+                    V,
+                    build_schedule("interleaved", K, M, V),
+                    build_schedule("interleaved-zb", K, M, V),
+                )
+
+
+@pytest.mark.parametrize("K", range(1, 9))
+def test_interleaved_zb_holds_no_more_than_interleaved(K):
+    """Deferring W on later ranks never raises the peak above interleaved 1F1B's (rank 0's)."""
+    for M, V, base, zb in interleaved_pairs(K):
+        base_peak = validate(base, K, M, V).peak_activations
+        zb_peak = validate(zb, K, M, V).peak_activations
+        assert zb_peak[0] == base_peak[0] == max(zb_peak.values()), (K, M, V)
+
+
+@pytest.mark.parametrize("K", range(2, 9))
+def test_interleaved_zb_bubble_below_interleaved(K):
+    """Same work (T_F = T_B = T_W, W folded into B without the split): less idle, always."""
+    unit = Costs(1, 1, 1, 0)
+    for M, V, base, zb in interleaved_pairs(K):
+        assert simulate(zb, K, M, V, unit).bubble_rate < simulate(base, K, M, V, unit).bubble_rate
+
+
+@pytest.mark.parametrize("K, V", list(itertools.product((2, 3, 4), (2, 3, 4))))
+def test_interleaved_zb_has_no_bubble_up_to_4_ranks(K, V):
+    """With T_F = T_B = T_W and M >= 2K the W's fill every gap but the pipeline's fill."""
+    unit = Costs(1, 1, 1, 0)
+    for M in (2 * K, 4 * K):
+        sim = simulate(build_schedule("interleaved-zb", K, M, V), K, M, V, unit)
+        assert abs(sim.bubble_rate) < 1e-12, (K, M, V, sim.bubble_rate)
+
+
+def test_interleaved_zb_defers_w_by_two_backwards_per_downstream_rank():
+    sched = compute_interleaved_zb(2, 4, 2)
+    first = [str(a) for a in sched[0] if a.kind == Kind.B or a.kind == Kind.W][:4]
+    assert first == ["2B0", "2W0", "2B1", "2W1"]  # rank 0: W right after its B
+    last = [str(a) for a in sched[1] if a.kind == Kind.B or a.kind == Kind.W]
+    assert last[:4] == ["3B0", "3B1", "1B0", "3W0"] and last[-2:] == ["1W2", "1W3"]  # lag 2
 
 
 def test_split_backward_schedules_reject_v():
