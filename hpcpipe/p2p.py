@@ -79,28 +79,49 @@ def make_tag(microbatch: int, stage: int, direction: int, num_stages: int, tag_u
     return ((microbatch * num_stages + stage) * 2 + direction) % (tag_ub + 1)
 
 
+def ranks_share_cores() -> bool:
+    """Whether this node runs more MPI ranks than it has cores, so waiting ranks must yield.
+
+    HPCPIPE_YIELD=1/0 forces the answer. Otherwise the launcher's local rank count (Open MPI,
+    MPICH's Hydra, Slurm) is compared with the node's cores; an unknown count counts as shared.
+    """
+    forced = os.environ.get("HPCPIPE_YIELD")
+    if forced is not None:
+        return forced.lower() in ("1", "true", "yes")
+    for key in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value) > (os.cpu_count() or 1)
+    return True
+
+
+# NOTE: read once: a rank's placement does not change while it runs.
+_YIELD_WHILE_SPINNING = ranks_share_cores()
+
+
 def wait_politely(request, deadline: float, describe, spin: float = 2e-4) -> float:
     """Wait for an MPI request without hogging a core; return the seconds spent waiting.
 
     Both pip MPIs busy-poll inside blocking waits, which starves working ranks when ranks
-    outnumber cores. So: first poll for `spin` seconds, yielding the core between polls (a
-    message that is nearly here costs no sleep latency, and a rank with work to do on this core
-    gets it); then sleep between polls, backing off to 1 ms (about 1% of a core while a rank
-    waits for a slow peer).
+    outnumber cores. So: first poll for `spin` seconds, yielding the core between polls when
+    ranks share cores (a message that is nearly here costs no sleep latency, and a rank with
+    work to do on this core gets it; with a core per rank the yield is a wasted system call on
+    every hop's critical path); then sleep between polls, backing off to 1 ms (about 1% of a
+    core while a rank waits for a slow peer).
     """
     start = time.perf_counter()
     spin_until = start + spin
-    polls = 0
+    test = request.Test
     while True:
-        polls += 1
-        if request.Test():
-            return time.perf_counter() - start
-        if polls % 8 == 0:
-            # NOTE: every poll drives MPI progress; yielding each time slows it. The clock is
-            # read only here too: it costs as much as a poll.
+        # NOTE: every poll drives MPI progress; yielding after each one slows it. The clock is
+        # read only once per 8 polls too: it costs as much as a poll.
+        for _ in range(8):
+            if test():
+                return time.perf_counter() - start
+        if _YIELD_WHILE_SPINNING:
             os.sched_yield()
-            if time.perf_counter() >= spin_until:
-                break
+        if time.perf_counter() >= spin_until:
+            break
     delay = 5e-5
     while not request.Test():
         if time.monotonic() > deadline:

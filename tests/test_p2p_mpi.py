@@ -6,7 +6,7 @@ import pytest
 import torch
 from mpirun import run_mpi
 
-from hpcpipe.p2p import make_tag, mpi_datatype
+from hpcpipe.p2p import make_tag, mpi_datatype, ranks_share_cores
 
 CHECKS = [
     "ring_float64",
@@ -49,3 +49,30 @@ def test_every_training_dtype_has_an_mpi_type():
         assert mpi_datatype(dtype) is not None
     with pytest.raises(TypeError, match="no MPI datatype"):
         mpi_datatype(torch.complex64)
+
+
+LAUNCHER_COUNTS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
+
+
+@pytest.mark.parametrize("key", LAUNCHER_COUNTS)
+def test_waiting_ranks_yield_only_when_ranks_outnumber_cores(monkeypatch, key):
+    for other in (*LAUNCHER_COUNTS, "HPCPIPE_YIELD"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setenv(key, "2")
+    assert not ranks_share_cores()
+    monkeypatch.setenv(key, "4")
+    assert ranks_share_cores()
+
+
+def test_unknown_placement_yields_and_the_user_can_force_it(monkeypatch):
+    for key in LAUNCHER_COUNTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("HPCPIPE_YIELD", raising=False)
+    assert ranks_share_cores()  # the safe side: never starve a rank that shares our core
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "64")
+    monkeypatch.setenv("HPCPIPE_YIELD", "0")
+    assert not ranks_share_cores()
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
+    monkeypatch.setenv("HPCPIPE_YIELD", "1")
+    assert ranks_share_cores()
