@@ -32,7 +32,7 @@ from hpcpipe.trace import compute_timeline, read_trace  # noqa: E402
 
 MODEL = ["--model.n_layers=8", "--model.d_model=256", "--model.n_heads=4", "--model.seq_len=128",
          "--train.global_batch=32", "--steps", "3"]  # fmt: skip
-SCHEDULES = [("1f1b", 1), ("gpipe", 1), ("zb-h1", 1), ("interleaved", 2)]
+SCHEDULES = [("1f1b", 1), ("gpipe", 1), ("zb-h1", 1), ("interleaved", 2), ("interleaved-zb", 2)]
 
 
 def traced_run(ranks: int, name: str, M: int, V: int, path: Path) -> dict:
