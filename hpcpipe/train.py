@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from mpi4py import MPI
 
 from . import checkpoint, data, elastic, fault, optim, tied, train_state, ulfm
 from . import trace as tracing
@@ -382,15 +383,22 @@ def train(
     return records
 
 
-def _mpi_failure(exc: BaseException | None) -> bool:
-    """A process failure reported anywhere in the exception's cause chain (ULFM)."""
-    seen = set()
+def _mpi_failure(exc: BaseException | None, held: list) -> bool:
+    """A process failure in the exception's cause chain (ULFM): reported as one, or any other
+    MPI error while a held communicator is revoked or knows a failed member."""
+    seen, mpi_error = set(), False
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if ulfm.is_process_failure(exc):
             return True
+        mpi_error = mpi_error or isinstance(exc, MPI.Exception)
         exc = exc.__cause__ or exc.__context__
-    return False
+    return mpi_error and ulfm.failure_known(held)
+
+
+def _held_comms(comm, grid) -> list:
+    """Every communicator a rank of this job may be waiting on."""
+    return [comm] + ([grid.cart, grid.embedding_comm, *grid.comms.values()] if grid else [])
 
 
 def train_recovering(comm, config, metrics_path, echo, trace_path, resume, stop) -> list[dict]:
@@ -406,7 +414,7 @@ def train_recovering(comm, config, metrics_path, echo, trace_path, resume, stop)
                 exit_without_finalize(comm)
             return records
         except BaseException as exc:
-            if not (recoverable and _mpi_failure(exc)):
+            if not (recoverable and _mpi_failure(exc, _held_comms(comm, holder.get("grid")))):
                 raise
             holder["failed_at"] = time.perf_counter()
             holder["recovered"] = True
@@ -432,8 +440,7 @@ def exit_without_finalize(comm) -> None:
 def recover(comm, config: Config, grid, echo):
     """Revoke everything, shrink to the survivors, agree, re-plan the layout for them."""
     timeout = config.parallel.timeout
-    held = [comm] + ([grid.cart, grid.embedding_comm, *grid.comms.values()] if grid else [])
-    ulfm.revoke_all(held)
+    ulfm.revoke_all(_held_comms(comm, grid))
     survivors, failed = ulfm.shrink(comm, timeout)
     if ulfm.agree(survivors, 1, timeout) != 1:
         raise RuntimeError("survivors could not agree to continue after a failure")

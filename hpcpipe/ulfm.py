@@ -117,6 +117,31 @@ def is_process_failure(exc: BaseException) -> bool:
     return isinstance(exc, MPI.Exception) and exc.Get_error_class() in FAILURE_CLASSES
 
 
+def failure_known(comms: list) -> bool:
+    """Whether any of these communicators is revoked or knows of a failed member.
+
+    NOTE: Open MPI's libnbc sometimes turns a revoke or a death that hits a non-blocking
+    collective between rounds into MPI_ERR_OTHER ("Error in NBC_Start_round"), not 75/77 (seen
+    once in ~20 kills during a checkpoint's Ibarrier). So an MPI error of another class counts
+    as a process failure when the communicators themselves say one happened.
+    """
+    for comm in comms:
+        if comm is None or comm == MPI.COMM_NULL:
+            continue
+        try:
+            if comm.Is_revoked():
+                return True
+            failed = comm.Get_failed()
+            count = failed.Get_size()
+            if failed != MPI.GROUP_EMPTY:
+                failed.Free()
+        except MPI.Exception:
+            continue  # a communicator this MPI cannot query: ask the others
+        if count > 0:
+            return True
+    return False
+
+
 def revoke_all(comms: list) -> None:
     """Revoke every communicator given (None and COMM_NULL skipped, errors ignored)."""
     for comm in comms:

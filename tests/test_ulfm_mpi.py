@@ -68,3 +68,31 @@ def test_singleton_has_no_ulfm_and_plain_errors_are_not_failures():
     assert is_process_failure(MPI.Exception(MPI.ERR_REVOKED)) is True
     assert is_process_failure(TimeoutError()) is False
     revoke_all([None, MPI.COMM_NULL])  # skipped, no error
+
+
+def revoked_self():
+    """A real communicator of this process, revoked (Open MPI revokes even without FT)."""
+    comm = MPI.COMM_SELF.Dup()
+    comm.Set_errhandler(MPI.ERRORS_RETURN)
+    comm.Revoke()
+    return comm
+
+
+def test_another_mpi_error_counts_as_a_failure_only_if_a_communicator_knows_of_one():
+    """libnbc may report a revoke mid-collective as MPI_ERR_OTHER: ask the communicators."""
+    from hpcpipe.train import _mpi_failure
+
+    other = MPI.Exception(MPI.ERR_OTHER)
+    assert not _mpi_failure(other, [MPI.COMM_WORLD])  # nothing failed: a real error, raise it
+    revoked = revoked_self()
+    try:
+        assert _mpi_failure(other, [MPI.COMM_WORLD, revoked])
+        wrapped = RuntimeError("action 1F2 failed")
+        wrapped.__cause__ = other
+        assert _mpi_failure(wrapped, [revoked])  # found through the cause chain
+        assert not _mpi_failure(ValueError("bad shape"), [revoked])  # not an MPI error at all
+    finally:
+        revoked.Free()
+    if FAILURE_CLASSES:
+        reported = MPI.Exception(next(iter(FAILURE_CLASSES)))
+        assert _mpi_failure(reported, [MPI.COMM_WORLD])  # reported as a failure: always one
