@@ -14,6 +14,8 @@ from .ckpt_cli import add_ckpt_parser
 
 
 def _train_parser(sub) -> None:
+    from .schedule import SCHEDULES
+
     keys = "\n".join(f"  --{k}=VALUE" for k in cfg.all_keys())
     short = "\n".join(f"  --{k:<13} same as --{v}" for k, v in cfg.SHORT_FLAGS.items())
     p = sub.add_parser(
@@ -21,7 +23,7 @@ def _train_parser(sub) -> None:
         help="train a GPT with pipeline parallelism (run under mpiexec -n N)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a GPT across MPI ranks. Every config key can be overridden:\n"
-        f"{keys}\nShort forms:\n{short}",
+        f"{keys}\nShort forms:\n{short}\nSchedules (schedule.name): {', '.join(SCHEDULES)}",
     )
     p.add_argument("--config", help="TOML file with [model] [train] [parallel] [schedule] [data]")
     p.add_argument("--metrics", help="write one JSON object per step to this file (rank 0)")

@@ -9,6 +9,7 @@ import pytest
 from mpirun import run_mpi
 
 from hpcpipe.config import all_keys
+from hpcpipe.schedule import SCHEDULES
 
 TINY = [
     "--model.n_layers=2",
@@ -87,6 +88,8 @@ def test_help_documents_every_option():
     for flag in ("--pp", "--tp", "--dp", "--schedule", "--microbatches", "--steps", "--dtype"):
         assert flag in proc.stdout
     assert "--metrics" in proc.stdout and "--config" in proc.stdout
+    for name in SCHEDULES:  # the valid values of schedule.name, not just the key
+        assert name in proc.stdout
 
 
 def test_schedule_command_prints_the_grid():
