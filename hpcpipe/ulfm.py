@@ -122,8 +122,8 @@ def failure_known(comms: list) -> bool:
 
     NOTE: Open MPI's libnbc sometimes turns a revoke or a death that hits a non-blocking
     collective between rounds into MPI_ERR_OTHER ("Error in NBC_Start_round"), not 75/77 (seen
-    once in ~20 kills during a checkpoint's Ibarrier). So an MPI error of another class counts
-    as a process failure when the communicators themselves say one happened.
+    once, in a CI run that killed a rank during a checkpoint's Ibarrier). So an MPI error of
+    another class counts as a process failure when the communicators themselves say one happened.
     """
     for comm in comms:
         if comm is None or comm == MPI.COMM_NULL:
