@@ -19,7 +19,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from hpcpipe.data_parallel import GradReducer
+from hpcpipe.parallel.data_parallel import GradReducer
 
 SIZES_MB = (4, 32, 128)
 

@@ -23,7 +23,7 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run without installing
 
-from hpcpipe.p2p import P2P  # noqa: E402
+from hpcpipe.parallel.p2p import P2P  # noqa: E402
 
 SIZES = {"64 KiB": 64 << 10, "1 MiB": 1 << 20, "16 MiB": 16 << 20}
 CONTENDERS = ("hpcpipe", "raw")

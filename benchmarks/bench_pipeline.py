@@ -96,7 +96,7 @@ def worker_serial(args) -> dict:
     import torch
 
     from hpcpipe import data
-    from hpcpipe.serial import SerialTrainer
+    from hpcpipe.train.serial import SerialTrainer
 
     torch.set_num_threads(1)
     trainer = SerialTrainer(bench_config(1), tokens=data.load_tokens(None))
@@ -128,8 +128,8 @@ def worker_hpcpipe(args) -> dict | None:
     from mpi4py import MPI
 
     from hpcpipe import data
-    from hpcpipe.grid import Grid, Topology
-    from hpcpipe.train import PipelineTrainer, make_plan
+    from hpcpipe.parallel.grid import Grid, Topology
+    from hpcpipe.train.trainer import PipelineTrainer, make_plan
 
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
@@ -183,9 +183,10 @@ def worker_torch(args) -> dict | None:
     import torch.distributed as dist
     from torch.distributed import pipelining
 
-    from hpcpipe import data, optim
-    from hpcpipe.model import Stage, loss_fn
-    from hpcpipe.train import make_plan
+    from hpcpipe import data
+    from hpcpipe.models.gpt2.model import Stage, loss_fn
+    from hpcpipe.train import optim
+    from hpcpipe.train.trainer import make_plan
 
     torch.set_num_threads(1)
     rank, k = mpi_rank_size()
@@ -247,7 +248,7 @@ def clip_and_step(params, optimizer, train, step_index: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from hpcpipe import optim
+    from hpcpipe.train import optim
 
     # NOTE: this all_reduce also ends each step with every rank in sync, like hpcpipe's.
     total = torch.tensor([optim.grad_square_sum(params)], dtype=torch.float64)

@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hpcpipe.launch import mpi_env, mpiexec_command  # noqa: E402
-from hpcpipe.schedule import SPLIT_BACKWARD  # noqa: E402
-from hpcpipe.simulate import Costs, fit_costs, predict  # noqa: E402
-from hpcpipe.trace import compute_timeline, read_trace  # noqa: E402
+from hpcpipe.pipeline.schedule import SPLIT_BACKWARD  # noqa: E402
+from hpcpipe.pipeline.simulate import Costs, fit_costs, predict  # noqa: E402
+from hpcpipe.pipeline.trace import compute_timeline, read_trace  # noqa: E402
 
 MODEL = ["--model.n_layers=8", "--model.d_model=256", "--model.n_heads=4", "--model.seq_len=128",
          "--train.global_batch=32", "--steps", "3"]  # fmt: skip

@@ -28,8 +28,8 @@ def worker(tp: int, steps: int) -> None:
 
     from hpcpipe import data
     from hpcpipe.config import build_config
-    from hpcpipe.grid import Grid, Topology
-    from hpcpipe.train import PipelineTrainer, make_plan
+    from hpcpipe.parallel.grid import Grid, Topology
+    from hpcpipe.train.trainer import PipelineTrainer, make_plan
 
     torch.set_num_threads(1)
     config = build_config({

@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hpcpipe.checkpoint import full_tensors  # noqa: E402
+from hpcpipe.checkpoint.store import full_tensors  # noqa: E402
 from hpcpipe.launch import mpi_env, mpiexec_command  # noqa: E402
-from hpcpipe.schedule import build_schedule  # noqa: E402
+from hpcpipe.pipeline.schedule import build_schedule  # noqa: E402
 
 STEPS = 5
 ARGS = ["--model.n_layers=4", "--model.d_model=16", "--model.n_heads=2", "--model.seq_len=8",

@@ -13,10 +13,10 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from hpcpipe import checkpoint as ck
-from hpcpipe import checksum
-from hpcpipe.checkpoint import CheckpointError, Shard
-from hpcpipe.ckpt_cli import add_ckpt_parser
+from hpcpipe.checkpoint import checksum
+from hpcpipe.checkpoint import store as ck
+from hpcpipe.checkpoint.store import CheckpointError, Shard
+from hpcpipe.cli.ckpt import add_ckpt_parser
 
 COMM = MPI.COMM_SELF
 

@@ -7,7 +7,7 @@ import torch
 from mpi4py import MPI
 from mpirun import run_mpi
 
-from hpcpipe import checkpoint as ck
+from hpcpipe.checkpoint import store as ck
 
 CASES = "tests/mpi/checkpoint_cases.py"
 CHECKS = [

@@ -9,7 +9,7 @@ import pytest
 from mpirun import run_mpi
 
 from hpcpipe.config import all_keys
-from hpcpipe.schedule import SCHEDULES
+from hpcpipe.pipeline.schedule import SCHEDULES
 
 TINY = [
     "--model.n_layers=2",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hpcpipe.cli import split_overrides
+from hpcpipe.cli.main import split_overrides
 from hpcpipe.config import ConfigError, all_keys, build_config, check_world, load_config
 
 

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from hpcpipe import draw
-from hpcpipe.schedule import build_schedule
-from hpcpipe.simulate import Costs, predict
+from hpcpipe.pipeline import draw
+from hpcpipe.pipeline.schedule import build_schedule
+from hpcpipe.pipeline.simulate import Costs, predict
 
 
 def test_to_json_round_trips():

@@ -10,7 +10,7 @@ import time
 import torch
 from mpirun import ROOT, run_mpi
 
-from hpcpipe.checkpoint import full_tensors
+from hpcpipe.checkpoint.store import full_tensors
 from hpcpipe.launch import mpi_env, mpiexec_command
 
 TINY = ["--model.n_layers=4", "--model.d_model=16", "--model.n_heads=2", "--model.seq_len=8",

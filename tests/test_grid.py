@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from hpcpipe.grid import Topology
+from hpcpipe.parallel.grid import Topology
 
 LAYOUTS = [(1, 1, 1), (1, 4, 1), (2, 2, 2), (2, 3, 4), (8, 16, 8), (3, 1, 5)]
 ORDERS = [("dp", "pp", "tp"), ("tp", "pp", "dp"), ("pp", "dp", "tp")]

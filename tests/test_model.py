@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hpcpipe.model import (
+from hpcpipe.models.gpt2.model import (
     GPT,
     Block,
     Embedding,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mpirun import run_mpi
 
-from hpcpipe.p2p import make_tag, mpi_datatype, ranks_share_cores
+from hpcpipe.parallel.p2p import make_tag, mpi_datatype, ranks_share_cores
 
 CHECKS = [
     "ring_float64",

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from hpcpipe.model import GPTConfig, layer_costs
-from hpcpipe.partition import Partition, PartitionError, balanced, from_counts, plan
+from hpcpipe.models.gpt2.model import GPTConfig, layer_costs
+from hpcpipe.pipeline.partition import Partition, PartitionError, balanced, from_counts, plan
 
 
 def brute_force_best(costs, k):

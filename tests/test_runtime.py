@@ -5,12 +5,12 @@ import torch
 
 from hpcpipe import data
 from hpcpipe.config import build_config
-from hpcpipe.model import GPTConfig, Stage, loss_fn
-from hpcpipe.partition import plan
-from hpcpipe.runtime import ActionError, PipelineRuntime
-from hpcpipe.schedule import build_schedule
-from hpcpipe.serial import SerialTrainer
-from hpcpipe.tied import sum_tied_grads, tied_copies
+from hpcpipe.models.gpt2.model import GPTConfig, Stage, loss_fn
+from hpcpipe.parallel.tied import sum_tied_grads, tied_copies
+from hpcpipe.pipeline.partition import plan
+from hpcpipe.pipeline.runtime import ActionError, PipelineRuntime
+from hpcpipe.pipeline.schedule import build_schedule
+from hpcpipe.train.serial import SerialTrainer
 
 TINY = GPTConfig(n_layers=2, d_model=16, n_heads=2, seq_len=8)
 SEED = 3

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from hpcpipe.schedule import (
+from hpcpipe.pipeline.schedule import (
     SCHEDULES,
     SPLIT_BACKWARD,
     Action,
@@ -25,7 +25,7 @@ from hpcpipe.schedule import (
     to_csv,
     validate,
 )
-from hpcpipe.simulate import Costs, simulate
+from hpcpipe.pipeline.simulate import Costs, simulate
 
 GRID = [(name, K, M) for name in ("gpipe", "1f1b") for K in range(1, 9) for M in range(1, 18)]
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from hpcpipe.cli import main
-from hpcpipe.schedule import from_csv
+from hpcpipe.cli.main import main
+from hpcpipe.pipeline.schedule import from_csv
 
 
 def run(capsys, *argv):

@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import pytest
 
-from hpcpipe.schedule import (
+from hpcpipe.pipeline.schedule import (
     SCHEDULES,
     Action,
     Kind,
@@ -15,7 +15,7 @@ from hpcpipe.schedule import (
     compute_1f1b,
     validate,
 )
-from hpcpipe.simulate import Costs, Timed, fit_costs, predict, simulate
+from hpcpipe.pipeline.simulate import Costs, Timed, fit_costs, predict, simulate
 
 # Fractions keep every time exact, so bubble rates compare with ==.
 UNIT = Costs(t_f=Fraction(1), t_b=Fraction(1), t_w=Fraction(0), t_comm=Fraction(0))

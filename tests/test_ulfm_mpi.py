@@ -12,7 +12,7 @@ import pytest
 from mpi4py import MPI
 
 from hpcpipe.launch import find_mpiexec, mpi_env, mpiexec_command
-from hpcpipe.ulfm import FAILURE_CLASSES, is_process_failure, revoke_all, ulfm_available
+from hpcpipe.parallel.ulfm import FAILURE_CLASSES, is_process_failure, revoke_all, ulfm_available
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def revoked_self():
 
 def test_another_mpi_error_counts_as_a_failure_only_if_a_communicator_knows_of_one():
     """libnbc may report a revoke mid-collective as MPI_ERR_OTHER: ask the communicators."""
-    from hpcpipe.train import _mpi_failure
+    from hpcpipe.train.trainer import _mpi_failure
 
     other = MPI.Exception(MPI.ERR_OTHER)
     assert not _mpi_failure(other, [MPI.COMM_WORLD])  # nothing failed: a real error, raise it

@@ -12,7 +12,7 @@ import sys
 import pytest
 from mpirun import ROOT, run_mpi
 
-from hpcpipe.checkpoint import full_tensors
+from hpcpipe.checkpoint.store import full_tensors
 from hpcpipe.launch import find_mpiexec, mpi_env, mpiexec_command
 
 

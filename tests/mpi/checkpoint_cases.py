@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from hpcpipe import checkpoint as ck
-from hpcpipe.checkpoint import CheckpointError, Shard
+from hpcpipe.checkpoint import store as ck
+from hpcpipe.checkpoint.store import CheckpointError, Shard
 
 ROWS, COLS = 8, 6
 

@@ -8,7 +8,7 @@ import sys
 import torch
 from mpi4py import MPI
 
-from hpcpipe.p2p import P2P, P2PTimeout, allreduce_
+from hpcpipe.parallel.p2p import P2P, P2PTimeout, allreduce_
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64]
 
@@ -34,7 +34,7 @@ def ring_roundtrip(p2p: P2P, dtype) -> bool:
 def non_contiguous_refused(p2p: P2P) -> bool:
     """A transposed view is sent contiguous (isend copies), never in raw memory order."""
     try:
-        from hpcpipe.p2p import _message
+        from hpcpipe.parallel.p2p import _message
 
         _message(torch.zeros(3, 4).t())
     except ValueError:

@@ -19,10 +19,10 @@ from pipeline_case_list import bf16_cases, cases
 
 from hpcpipe import data
 from hpcpipe.config import build_config
-from hpcpipe.grid import Grid, Topology
-from hpcpipe.schedule import validate
-from hpcpipe.serial import SerialTrainer
-from hpcpipe.train import PipelineTrainer, make_plan
+from hpcpipe.parallel.grid import Grid, Topology
+from hpcpipe.pipeline.schedule import validate
+from hpcpipe.train.serial import SerialTrainer
+from hpcpipe.train.trainer import PipelineTrainer, make_plan
 
 STEPS = 3
 TINY = {"n_layers": 2, "d_model": 16, "n_heads": 2, "seq_len": 8, "vocab_size": 256}

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from hpcpipe import data, train_state
+from hpcpipe import data
 from hpcpipe.config import build_config
-from hpcpipe.grid import Grid, Topology
-from hpcpipe.train import PipelineTrainer, make_plan
+from hpcpipe.parallel.grid import Grid, Topology
+from hpcpipe.train import state as train_state
+from hpcpipe.train.trainer import PipelineTrainer, make_plan
 
 STEPS, SAVE_AT = 6, 3
 TINY = {"n_layers": 4, "d_model": 16, "n_heads": 2, "seq_len": 8}

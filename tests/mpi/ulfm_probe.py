@@ -15,8 +15,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from hpcpipe.grid import Grid, Topology
-from hpcpipe.ulfm import agree, is_process_failure, revoke_all, shrink, ulfm_available
+from hpcpipe.parallel.grid import Grid, Topology
+from hpcpipe.parallel.ulfm import agree, is_process_failure, revoke_all, shrink, ulfm_available
 
 VICTIM = 2
 DEADLINE = 10.0

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import Config, ConfigError
-from .schedule import ScheduleError, build_schedule
+from hpcpipe.config import Config, ConfigError
+from hpcpipe.pipeline.schedule import ScheduleError, build_schedule
 
 
 def _fits(config: Config, dp: int, pp: int) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .p2p import allreduce_
+from hpcpipe.parallel.p2p import allreduce_
 
 
 def tied_copies(stages: dict[int, nn.Module], num_layers: int) -> list[nn.Parameter]:

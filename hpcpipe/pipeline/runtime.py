@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .p2p import P2P, Transfer, make_tag
-from .schedule import Action, Kind
-from .zero_bubble import WeightGradStore
+from hpcpipe.parallel.p2p import P2P, Transfer, make_tag
+from hpcpipe.pipeline.schedule import Action, Kind
+from hpcpipe.pipeline.zero_bubble import WeightGradStore
 
 FORWARD, BACKWARD = 0, 1
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .draw import to_chrome_trace
-from .schedule import Action, Kind
-from .simulate import Timed, as_timeline
+from hpcpipe.pipeline.draw import to_chrome_trace
+from hpcpipe.pipeline.schedule import Action, Kind
+from hpcpipe.pipeline.simulate import Timed, as_timeline
 
 COMPUTE = {"F", "B", "W"}
 

@@ -11,7 +11,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hpcpipe.model import GPTConfig, layer_costs
+from hpcpipe.models.gpt2.model import GPTConfig, layer_costs
 
 
 class PartitionError(ValueError):

@@ -16,7 +16,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .p2p import _message, wait_politely
+from hpcpipe.parallel.p2p import _message, wait_politely
 
 _WIDE = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from hpcpipe.schedule import Kind, Schedule
-from hpcpipe.simulate import SimResult, Timed, as_timeline
+from hpcpipe.pipeline.schedule import Kind, Schedule
+from hpcpipe.pipeline.simulate import SimResult, Timed, as_timeline
 
 Arrow = tuple[int, float, int, float]  # (src_rank, src_time, dst_rank, dst_time)
 

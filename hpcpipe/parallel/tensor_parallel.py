@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from .model import Block, Embedding, GPTConfig, Head
-from .p2p import allreduce_
+from hpcpipe.models.gpt2.model import Block, Embedding, GPTConfig, Head
+from hpcpipe.parallel.p2p import allreduce_
 
 
 class TensorParallelError(ValueError):
@@ -82,7 +82,7 @@ def _linear(module: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None) -> to
     """F.linear, or the split-backward version when a zero-bubble schedule asked for it."""
     store = getattr(module, "store", None)
     if store is not None:
-        from .zero_bubble import _LinearFn
+        from hpcpipe.pipeline.zero_bubble import _LinearFn
 
         return _LinearFn.apply(x, module.weight, bias, store)
     return F.linear(x, module.weight, bias)

@@ -11,8 +11,8 @@ import base64
 
 import torch
 
-from . import config as cfg
-from .checkpoint import Shard, load_checkpoint, save_checkpoint
+from hpcpipe import config as cfg
+from hpcpipe.checkpoint.store import Shard, load_checkpoint, save_checkpoint
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -13,18 +13,22 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from . import checkpoint, data, elastic, fault, optim, tied, train_state, ulfm
-from . import trace as tracing
-from .config import Config, ConfigError, check_world
-from .data_parallel import GradReducer
-from .grid import Grid, Topology
-from .model import GPTConfig, Stage, loss_fn
-from .p2p import P2P, allreduce_
-from .partition import Partition, PartitionError, plan
-from .runtime import PipelineRuntime, StepResult
-from .schedule import SPLIT_BACKWARD, Schedule, ScheduleError, build_schedule
-from .tensor_parallel import TPContext, check_divisible, loss_for, parallelize_stage
-from .zero_bubble import WeightGradStore, enable_split_backward
+from hpcpipe import data
+from hpcpipe.checkpoint import store as checkpoint
+from hpcpipe.config import Config, ConfigError, check_world
+from hpcpipe.models.gpt2.model import GPTConfig, Stage, loss_fn
+from hpcpipe.parallel import tied, ulfm
+from hpcpipe.parallel.data_parallel import GradReducer
+from hpcpipe.parallel.grid import Grid, Topology
+from hpcpipe.parallel.p2p import P2P, allreduce_
+from hpcpipe.parallel.tensor_parallel import TPContext, check_divisible, loss_for, parallelize_stage
+from hpcpipe.pipeline import trace as tracing
+from hpcpipe.pipeline.partition import Partition, PartitionError, plan
+from hpcpipe.pipeline.runtime import PipelineRuntime, StepResult
+from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Schedule, ScheduleError, build_schedule
+from hpcpipe.pipeline.zero_bubble import WeightGradStore, enable_split_backward
+from hpcpipe.train import elastic, fault, optim
+from hpcpipe.train import state as train_state
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -429,7 +433,7 @@ def exit_without_finalize(comm) -> None:
     (seen 1 run in ~5 under load: all survivors sleeping in ompi_mpi_finalize). The work and its
     checkpoints are complete here, so meet the other survivors and leave without it.
     """
-    from .p2p import wait_politely
+    from hpcpipe.parallel.p2p import wait_politely
 
     wait_politely(comm.Ibarrier(), time.monotonic() + 60, lambda: "survivors' final barrier")
     sys.stdout.flush()
@@ -459,7 +463,7 @@ def recover(comm, config: Config, grid, echo):
 
 def idle_until_done(comm) -> None:
     """Meet the idle ranks at the end without spinning (MPI_Finalize would busy-wait)."""
-    from .p2p import wait_politely
+    from hpcpipe.parallel.p2p import wait_politely
 
     # NOTE: an idle rank may wait for the whole run; only a dead job ends it (mpiexec).
     request = comm.Ibarrier()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ck
+from hpcpipe.checkpoint import store as ck
 
 
 def _err(message: str) -> int:

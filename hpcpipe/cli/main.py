@@ -8,13 +8,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import config as cfg
-from . import data
-from .ckpt_cli import add_ckpt_parser
+from hpcpipe import config as cfg
+from hpcpipe import data
+from hpcpipe.cli.ckpt import add_ckpt_parser
 
 
 def _train_parser(sub) -> None:
-    from .schedule import SCHEDULES
+    from hpcpipe.pipeline.schedule import SCHEDULES
 
     keys = "\n".join(f"  --{k}=VALUE" for k in cfg.all_keys())
     short = "\n".join(f"  --{k:<13} same as --{v}" for k, v in cfg.SHORT_FLAGS.items())
@@ -44,7 +44,7 @@ def _train_parser(sub) -> None:
 
 
 def _schedule_parser(sub) -> None:
-    from .schedule import SCHEDULES
+    from hpcpipe.pipeline.schedule import SCHEDULES
 
     p = sub.add_parser(
         "schedule",
@@ -126,7 +126,7 @@ def run_train(args) -> int:
     """Parse the config, check it on every rank before any communication, then train."""
     from mpi4py import MPI  # imported here: other subcommands must not need MPI
 
-    from .train import train
+    from hpcpipe.train.trainer import train
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -137,9 +137,9 @@ def run_train(args) -> int:
             if value is not None:
                 overrides[dotted] = value
         config = cfg.load_config(args.config, overrides)
-        from .elastic import replan
-        from .fault import plan_from_env
-        from .train import make_plan
+        from hpcpipe.train.elastic import replan
+        from hpcpipe.train.fault import plan_from_env
+        from hpcpipe.train.trainer import make_plan
 
         plan_from_env()  # a malformed HPCPIPE_FAULT is a configuration error too
         effective = replan(config, comm.Get_size())[0] if config.parallel.elastic else config
@@ -149,7 +149,7 @@ def run_train(args) -> int:
         # Every rank reaches the same verdict from the same inputs, so all exit without waiting.
         _report(f"hpcpipe: configuration error (rank {rank}): {exc}")
         return 2
-    from .fault import EXIT_REQUEUE, Stopped
+    from hpcpipe.train.fault import EXIT_REQUEUE, Stopped
 
     try:
         train(config, comm, args.metrics, trace_path=args.trace, resume=args.resume)
@@ -168,7 +168,7 @@ def run_train(args) -> int:
 
 def run_schedule(args) -> int:
     """Print a schedule as a grid, JSON (with the simulation), CSV, PNG or Chrome trace."""
-    from . import schedule_cli
+    from hpcpipe.cli import schedule as schedule_cli
 
     try:
         text = schedule_cli.render(args)
@@ -193,7 +193,7 @@ def _launched_by_mpi() -> bool:
 
 def run_topology(args) -> int:
     """Print world rank -> coordinates; under mpiexec, with each rank's host."""
-    from .grid import Topology
+    from hpcpipe.parallel.grid import Topology
 
     try:
         topology = Topology.parse(args.dp, args.pp, args.tp, args.order)

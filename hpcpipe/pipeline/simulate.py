@@ -12,7 +12,14 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from hpcpipe.schedule import Action, Kind, Schedule, ScheduleError, build_schedule, stage_rank
+from hpcpipe.pipeline.schedule import (
+    Action,
+    Kind,
+    Schedule,
+    ScheduleError,
+    build_schedule,
+    stage_rank,
+)
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ import h5py
 import numpy as np
 import torch
 
-from . import checksum
-from .p2p import wait_politely
+from hpcpipe.checkpoint import checksum
+from hpcpipe.parallel.p2p import wait_politely
 
 FORMAT = "hpcpipe-checkpoint"
 FORMAT_VERSION = 2  # 2: XXH3-64 per piece instead of SHA-256

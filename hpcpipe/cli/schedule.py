@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from . import draw
-from .schedule import SPLIT_BACKWARD, build_schedule, render_grid, to_csv
-from .simulate import Costs, fit_costs, simulate
-from .trace import compute_timeline, read_trace
+from hpcpipe.pipeline import draw
+from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, build_schedule, render_grid, to_csv
+from hpcpipe.pipeline.simulate import Costs, fit_costs, simulate
+from hpcpipe.pipeline.trace import compute_timeline, read_trace
 
 
 def costs_for(args, name: str) -> tuple[Costs, dict]:

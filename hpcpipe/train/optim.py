@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .config import TrainSection
+from hpcpipe.config import TrainSection
 
 
 def lr_at(step: int, train: TrainSection) -> float:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from . import data, optim
-from .config import Config
-from .model import GPT, loss_fn
-from .train import TORCH_DTYPES, gpt_config
+from hpcpipe import data
+from hpcpipe.config import Config
+from hpcpipe.models.gpt2.model import GPT, loss_fn
+from hpcpipe.train import optim
+from hpcpipe.train.trainer import TORCH_DTYPES, gpt_config
 
 
 class SerialTrainer:
