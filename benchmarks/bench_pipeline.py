@@ -129,14 +129,16 @@ def worker_hpcpipe(args) -> dict | None:
 
     from hpcpipe import data
     from hpcpipe.parallel.grid import Grid, Topology
-    from hpcpipe.train.trainer import PipelineTrainer, make_plan
+    from hpcpipe.train.trainer import PipelineTrainer, make_blueprint
 
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
     k = comm.Get_size()
     config = bench_config(k, HPCPIPE_SCHEDULES[args.worker])
     grid = Grid(comm, Topology(dp=1, pp=k, tp=1))
-    trainer = PipelineTrainer(config, grid, make_plan(config, k), tokens=data.load_tokens(None))
+    trainer = PipelineTrainer(
+        config, grid, make_blueprint(config, k), tokens=data.load_tokens(None)
+    )
     records = []
     # train_step ends in an Allreduce, so every rank leaves each step together.
     times = time_steps(lambda: records.append(trainer.train_step()), args.steps)
@@ -186,7 +188,7 @@ def worker_torch(args) -> dict | None:
     from hpcpipe import data
     from hpcpipe.models.gpt2.model import Stage, loss_fn
     from hpcpipe.train import optim
-    from hpcpipe.train.trainer import make_plan
+    from hpcpipe.train.trainer import make_blueprint
 
     torch.set_num_threads(1)
     rank, k = mpi_rank_size()
@@ -195,7 +197,7 @@ def worker_torch(args) -> dict | None:
     )
     multi = TORCH_MULTI.get(args.worker)
     config = bench_config(k, "interleaved" if multi else "1f1b")
-    plan = make_plan(config, k)  # the same balanced split hpcpipe uses
+    plan = make_blueprint(config, k)  # the same balanced split hpcpipe uses
     n = plan.num_stages
     ids = torch_stage_ids(multi[1], rank, k, n) if multi else [rank]
     modules = [Stage(plan.model, plan.partition.layers(s), config.train.seed) for s in ids]

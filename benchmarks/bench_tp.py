@@ -29,7 +29,7 @@ def worker(tp: int, steps: int) -> None:
     from hpcpipe import data
     from hpcpipe.config import build_config
     from hpcpipe.parallel.grid import Grid, Topology
-    from hpcpipe.train.trainer import PipelineTrainer, make_plan
+    from hpcpipe.train.trainer import PipelineTrainer, make_blueprint
 
     torch.set_num_threads(1)
     config = build_config({
@@ -37,7 +37,7 @@ def worker(tp: int, steps: int) -> None:
         "parallel": {"tp": tp}, "schedule": {"name": "1f1b", "microbatches": 8},
     })  # fmt: skip
     comm = MPI.COMM_WORLD
-    trainer = PipelineTrainer(config, Grid(comm, Topology(1, 1, tp)), make_plan(config, tp),
+    trainer = PipelineTrainer(config, Grid(comm, Topology(1, 1, tp)), make_blueprint(config, tp),
                               tokens=data.load_tokens(None))  # fmt: skip
     trainer.train_step()  # warm-up
     comm.Barrier()

@@ -9,19 +9,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hpcpipe.models import DEFAULT_ARCH, UnknownModelError, get_spec
+from hpcpipe.models.api import ModelConfig
+from hpcpipe.models.gpt2 import GPT2Config
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what is wrong and how to fix it."""
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    seq_len: int = 64
-    vocab_size: int = 256
-    tie_embeddings: bool = True  # GPT-2 style: the head reuses the token embedding matrix
 
 
 @dataclass(frozen=True)
@@ -88,7 +82,7 @@ class DebugSection:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelConfig = field(default_factory=GPT2Config)  # the model.arch family's config
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -112,7 +106,6 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 _SECTIONS = {
-    "model": ModelSection,
     "train": TrainSection,
     "parallel": ParallelSection,
     "schedule": ScheduleSection,
@@ -122,9 +115,10 @@ _SECTIONS = {
 }
 
 
-def all_keys() -> list[str]:
-    """Every `section.key` a user can set."""
-    return [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in fields(cls)]
+def all_keys(arch: str = DEFAULT_ARCH) -> list[str]:
+    """Every `section.key` a user can set (the [model] keys are those of `arch`'s family)."""
+    model = [f"model.{f.name}" for f in fields(get_spec(arch).config_class)]
+    return model + [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in fields(cls)]
 
 
 def _coerce(dotted: str, value: Any, target: Any) -> Any:
@@ -163,37 +157,52 @@ def _parse_cli_value(text: str) -> Any:
 
 def build_config(tables: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
     """Merge TOML tables and dotted overrides into a Config, rejecting unknown keys."""
-    merged: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    merged: dict[str, dict[str, Any]] = {s: {} for s in ("model", *_SECTIONS)}
     for section, table in tables.items():
-        if section not in _SECTIONS:
-            raise ConfigError(
-                f"unknown section [{section}]; valid sections: {', '.join(_SECTIONS)}"
-            )
+        if section not in merged:
+            raise ConfigError(f"unknown section [{section}]; valid sections: {', '.join(merged)}")
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] must be a table of keys")
         merged[section].update(table)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        if section not in _SECTIONS or not key:
+        if section not in merged or not key:
             raise ConfigError(f"unknown option --{dotted}; options look like --section.key=value")
         merged[section][key] = value
-    sections = {}
+    sections = {"model": model_section(merged["model"])}
     for section, cls in _SECTIONS.items():
-        defaults = cls()
-        names = {f.name for f in fields(cls)}
-        for key in merged[section]:
-            if key not in names:
-                raise ConfigError(
-                    f"unknown key {section}.{key}; [{section}] accepts: {', '.join(sorted(names))}"
-                )
-        values = {
-            k: _coerce(f"{section}.{k}", v, getattr(defaults, k))
-            for k, v in merged[section].items()
-        }
-        sections[section] = dataclasses.replace(defaults, **values)
+        sections[section] = _section(section, cls(), merged[section])
     config = Config(**sections)
     check_config(config)
     return config
+
+
+def _section(section: str, defaults, values: dict[str, Any], extra: str = ""):
+    """`defaults` with `values` applied, each coerced to its field's type; unknown keys refused."""
+    names = {f.name for f in fields(defaults)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(
+                f"unknown key {section}.{key}; [{section}]{extra} accepts: "
+                f"{', '.join(sorted(names))}"
+            )
+    coerced = {k: _coerce(f"{section}.{k}", v, getattr(defaults, k)) for k, v in values.items()}
+    try:
+        return dataclasses.replace(defaults, **coerced)
+    except ValueError as exc:  # the family's own validation
+        raise ConfigError(str(exc)) from None
+
+
+def model_section(values: dict[str, Any]) -> ModelConfig:
+    """The [model] table as the config of the family that model.arch names."""
+    arch = str(values.get("arch") or DEFAULT_ARCH)
+    try:
+        spec = get_spec(arch)
+    except UnknownModelError as exc:
+        raise ConfigError(str(exc)) from None
+    defaults = spec.config_class()
+    values = {**values, "arch": arch}
+    return _section("model", defaults, values, f" of model.arch={arch!r}")
 
 
 def load_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> Config:
@@ -220,13 +229,8 @@ def _require(ok: bool, message: str) -> None:
 def check_config(config: Config) -> None:
     """Checks that need no MPI and no world size: same verdict on every rank."""
     m, t, p, s = config.model, config.train, config.parallel, config.schedule
-    for name in ("n_layers", "d_model", "n_heads", "seq_len", "vocab_size"):
+    for name in ("seq_len", "vocab_size"):
         _require(getattr(m, name) >= 1, f"model.{name} must be >= 1 (got {getattr(m, name)})")
-    _require(
-        m.d_model % m.n_heads == 0,
-        f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
-        "choose n_heads dividing d_model",
-    )
     for name in ("pp", "tp", "dp"):
         _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(p, name)})")
     axes = [a.strip() for a in p.order.split(",")]

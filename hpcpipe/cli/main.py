@@ -126,7 +126,7 @@ def run_train(args) -> int:
     """Parse the config, check it on every rank before any communication, then train."""
     from mpi4py import MPI  # imported here: other subcommands must not need MPI
 
-    from hpcpipe.train.trainer import train
+    from hpcpipe.train.loop import train
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -138,13 +138,15 @@ def run_train(args) -> int:
                 overrides[dotted] = value
         config = cfg.load_config(args.config, overrides)
         from hpcpipe.train.elastic import replan
-        from hpcpipe.train.fault import plan_from_env
-        from hpcpipe.train.trainer import make_plan
+        from hpcpipe.train.fault import injection_from_env
+        from hpcpipe.train.trainer import make_blueprint
 
-        plan_from_env()  # a malformed HPCPIPE_FAULT is a configuration error too
+        injection_from_env()  # a malformed HPCPIPE_FAULT is a configuration error too
         effective = replan(config, comm.Get_size())[0] if config.parallel.elastic else config
         e = effective.parallel
-        make_plan(effective, e.dp * e.pp * e.tp if config.parallel.elastic else comm.Get_size())
+        make_blueprint(
+            effective, e.dp * e.pp * e.tp if config.parallel.elastic else comm.Get_size()
+        )
     except ValueError as exc:  # ConfigError, and HPCPIPE_FAULT's ValueError
         # Every rank reaches the same verdict from the same inputs, so all exit without waiting.
         _report(f"hpcpipe: configuration error (rank {rank}): {exc}")

@@ -104,13 +104,7 @@ class Grid:
         self.comms = {
             axis: self.cart.Sub([a == axis for a in topology.order]) for axis in topology.order
         }
-        # The first and last pipeline ranks of each (dp, tp) hold the tied embedding copies.
-        ends = self.pp_rank in (0, topology.pp - 1)
-        from mpi4py import MPI
-
-        self.embedding_comm = self.pp_comm.Split(0 if ends else MPI.UNDEFINED, self.pp_rank)
-        if self.embedding_comm == MPI.COMM_NULL:
-            self.embedding_comm = None
+        self.extra_comms: list = []  # made by split_pp, freed with the grid
 
     @property
     def pp_comm(self):
@@ -136,9 +130,27 @@ class Grid:
     def dp_rank(self) -> int:
         return self.coords["dp"]
 
+    def split_pp(self, pp_ranks) -> object | None:
+        """Collective over pp_comm: a communicator of these pp ranks (None on the others).
+
+        Used for tied parameters: the ranks holding copies of one matrix reduce its gradient.
+        """
+        from mpi4py import MPI
+
+        member = self.pp_rank in pp_ranks
+        comm = self.pp_comm.Split(0 if member else MPI.UNDEFINED, self.pp_rank)
+        if comm == MPI.COMM_NULL:
+            return None
+        self.extra_comms.append(comm)
+        return comm
+
+    @property
+    def all_comms(self) -> list:
+        """Every communicator this grid holds (for ULFM revocation)."""
+        return [self.cart, *self.comms.values(), *self.extra_comms]
+
     def free(self) -> None:
         """Release the communicators."""
-        for comm in [*self.comms.values(), self.embedding_comm]:
-            if comm is not None:
-                comm.Free()
+        for comm in [*self.comms.values(), *self.extra_comms]:
+            comm.Free()
         self.cart.Free()

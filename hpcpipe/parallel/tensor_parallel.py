@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from hpcpipe.models.gpt2.model import Block, Embedding, GPTConfig, Head
+from hpcpipe.models.api import tie_within
 from hpcpipe.parallel.p2p import allreduce_
 
 
@@ -177,18 +177,16 @@ def vocab_parallel_loss(tp: TPContext, start: int):
     return loss
 
 
-# --- swapping plain layers for parallel ones ------------------------------------------------
+# --- generic pieces a family's tensor-parallel plan is made of ------------------------------
 
 
-def check_divisible(config: GPTConfig, tp_size: int) -> None:
-    """Heads and hidden sizes must split evenly (the vocabulary is padded instead)."""
-    hidden = config.mlp_ratio * config.d_model
-    for what, value in (("model.n_heads", config.n_heads), ("MLP hidden size", hidden)):
-        if value % tp_size:
-            raise TensorParallelError(
-                f"{what}={value} is not divisible by parallel.tp={tp_size}; choose a tp degree "
-                f"that divides it (or change the model)"
-            )
+def require_divisible(what: str, value: int, tp_size: int) -> None:
+    """Raise TensorParallelError unless `value` splits evenly over tp ranks."""
+    if value % tp_size:
+        raise TensorParallelError(
+            f"{what}={value} is not divisible by parallel.tp={tp_size}; choose a tp degree "
+            f"that divides it (or change the model)"
+        )
 
 
 def padded_vocab(vocab: int, tp_size: int) -> int:
@@ -196,7 +194,7 @@ def padded_vocab(vocab: int, tp_size: int) -> int:
     return -(-vocab // tp_size) * tp_size
 
 
-def _swap_linear(linear: nn.Linear, kind, rows=None, cols=None, tp=None) -> nn.Linear:
+def swap_linear(linear: nn.Linear, kind, rows=None, cols=None, tp=None) -> nn.Linear:
     """The same Linear as a parallel class, keeping only the given rows or columns."""
     with torch.no_grad():
         weight = linear.weight
@@ -213,76 +211,76 @@ def _swap_linear(linear: nn.Linear, kind, rows=None, cols=None, tp=None) -> nn.L
     return linear
 
 
-def _parallel_block(block: Block, config: GPTConfig, tp: TPContext) -> dict[str, tuple]:
-    """Split attention by heads and the MLP by hidden units; return the shard specs."""
-    hd, heads = config.head_dim, config.n_heads
-    h0, h1 = tp.block(heads)
-    qkv = (h0 * 3 * hd, h1 * 3 * hd)
-    attn = (h0 * hd, h1 * hd)
-    hidden = tp.block(config.mlp_ratio * config.d_model)
-    _swap_linear(block.attn.qkv, ColumnParallelLinear, rows=qkv, tp=tp)
-    _swap_linear(block.attn.proj, RowParallelLinear, cols=attn, tp=tp)
-    _swap_linear(block.mlp.fc, ColumnParallelLinear, rows=hidden, tp=tp)
-    _swap_linear(block.mlp.proj, RowParallelLinear, cols=hidden, tp=tp)
-    return {
-        "attn.qkv.weight": (0, qkv[0], 3 * config.d_model),
-        "attn.qkv.bias": (0, qkv[0], 3 * config.d_model),
-        "attn.proj.weight": (1, attn[0], config.d_model),
-        "mlp.fc.weight": (0, hidden[0], config.mlp_ratio * config.d_model),
-        "mlp.fc.bias": (0, hidden[0], config.mlp_ratio * config.d_model),
-        "mlp.proj.weight": (1, hidden[0], config.mlp_ratio * config.d_model),
-    }
+def column_parallel(linear: nn.Linear, rows: tuple[int, int], tp: TPContext, name: str) -> dict:
+    """Swap `linear` for its column-parallel slice rows[0]:rows[1]; return its shard specs."""
+    total = linear.out_features
+    swap_linear(linear, ColumnParallelLinear, rows=rows, tp=tp)
+    specs = {f"{name}.weight": (0, rows[0], total)}
+    if linear.bias is not None:
+        specs[f"{name}.bias"] = (0, rows[0], total)
+    return specs
 
 
-def _vocab_rows(weight: torch.Tensor, config: GPTConfig, tp: TPContext) -> tuple:
+def row_parallel(linear: nn.Linear, cols: tuple[int, int], tp: TPContext, name: str) -> dict:
+    """Swap `linear` for its row-parallel slice of input columns; the bias stays replicated."""
+    total = linear.in_features
+    swap_linear(linear, RowParallelLinear, cols=cols, tp=tp)
+    return {f"{name}.weight": (1, cols[0], total)}
+
+
+def _vocab_rows(weight: torch.Tensor, vocab: int, tp: TPContext) -> tuple:
     """This rank's rows of the padded vocabulary matrix, and where they start."""
-    start, stop = tp.block(padded_vocab(config.vocab_size, tp.size))
+    start, stop = tp.block(padded_vocab(vocab, tp.size))
     rows = torch.zeros(stop - start, weight.shape[1], dtype=weight.dtype)
-    real = max(0, min(stop, config.vocab_size) - start)
+    real = max(0, min(stop, vocab) - start)
     rows[:real] = weight[start : start + real]
     return rows, start, real
 
 
-def _parallel_embedding(layer: Embedding, config: GPTConfig, tp: TPContext) -> dict:
-    rows, start, _ = _vocab_rows(layer.tok.weight.detach(), config, tp)
-    layer.tok = VocabParallelEmbedding(rows, start, tp)
-    return {"tok.weight": (0, start, config.vocab_size)}
+def vocab_parallel_embedding(parent: nn.Module, attr: str, tp: TPContext, name: str) -> dict:
+    """Replace parent.<attr> (an nn.Embedding) by this rank's rows of the vocabulary."""
+    embedding = getattr(parent, attr)
+    vocab = embedding.num_embeddings
+    rows, start, _ = _vocab_rows(embedding.weight.detach(), vocab, tp)
+    setattr(parent, attr, VocabParallelEmbedding(rows, start, tp))
+    return {f"{name}.weight": (0, start, vocab)}
 
 
-def _parallel_head(layer: Head, config: GPTConfig, tp: TPContext) -> dict:
-    rows, start, real = _vocab_rows(layer.lm_head.weight.detach(), config, tp)
-    head = layer.lm_head
+def vocab_parallel_head(head: nn.Linear, tp: TPContext, name: str) -> dict:
+    """Turn the output projection into this rank's vocabulary slice (padding gets -inf)."""
+    vocab = head.out_features
+    rows, start, real = _vocab_rows(head.weight.detach(), vocab, tp)
     head.weight = nn.Parameter(rows)
     head.__class__ = VocabParallelHead
     head.tp, head.real = tp, real
     head.out_features = rows.shape[0]
-    return {"lm_head.weight": (0, start, config.vocab_size)}
+    return {f"{name}.weight": (0, start, vocab)}
 
 
-def parallelize_stage(stage: nn.Module, config: GPTConfig, tp: TPContext) -> dict[str, tuple]:
-    """Swap a Stage's layers for tensor-parallel ones in place.
+def vocab_loss(vocab_size: int, tp: TPContext):
+    """The last stage's loss over logits split along a vocabulary of `vocab_size`."""
+    start, _ = tp.block(padded_vocab(vocab_size, tp.size))
+    return vocab_parallel_loss(tp, start)
+
+
+def parallelize_stage(stage: nn.Module, spec, config, tp: TPContext) -> dict[str, tuple]:
+    """Swap a stage's layers for tensor-parallel ones in place, by the family's plan.
 
     Returns {global parameter name: (dim, offset, global size along dim)} for every sharded
-    parameter; parameters not listed are replicated on every tp rank.
+    parameter; parameters not listed are replicated on every tp rank. `spec` is the family's
+    ModelSpec (duck-typed: this module imports no model family).
     """
-    check_divisible(config, tp.size)
+    plan = spec.tp_plan()
+    if plan is None:
+        raise TensorParallelError(
+            f"model.arch={spec.name!r} has no tensor-parallel plan; use parallel.tp=1"
+        )
+    plan.check(config, tp.size)
     specs = {}
     for index, layer in stage.layers.items():
-        if isinstance(layer, Block):
-            local = _parallel_block(layer, config, tp)
-        elif isinstance(layer, Embedding):
-            local = _parallel_embedding(layer, config, tp)
-        else:
-            local = _parallel_head(layer, config, tp)
-        specs.update({f"layers.{index}.{name}": spec for name, spec in local.items()})
-    # NOTE: when one stage holds both ends of a tied matrix, re-share the sliced Parameter.
-    last = str(config.num_layers - 1)
-    if config.tie_embeddings and "0" in stage.layers and last in stage.layers:
-        stage.layers[last].lm_head.weight = stage.layers["0"].tok.weight
+        local = plan.parallelize(layer, int(index), config, tp)
+        specs.update({f"layers.{index}.{name}": s for name, s in local.items()})
+    # NOTE: when one stage holds a whole tie group, re-share the sliced Parameter.
+    held = {int(i): layer for i, layer in stage.layers.items()}
+    tie_within(spec, config, held)
     return specs
-
-
-def loss_for(config: GPTConfig, tp: TPContext):
-    """The loss function the last stage uses with this tp layout."""
-    start, _ = tp.block(padded_vocab(config.vocab_size, tp.size))
-    return vocab_parallel_loss(tp, start)

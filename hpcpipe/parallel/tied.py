@@ -1,12 +1,15 @@
-"""Tied input/output embeddings across pipeline stages.
+"""Tied parameters across pipeline stages, keyed by the model's tie groups.
 
-The embedding (first stage) and the head (last stage) each keep a copy of the tied matrix. Both
-start equal; after each backward their gradients are summed (locally when one rank holds both
-as separate copies, over the pipeline's first/last ranks otherwise), so identical AdamW updates
-keep them equal: the same arithmetic as one shared Parameter in the single-process model.
+A tie group names parameters that are one matrix in the single-process model (GPT-2's token
+embedding and its head). Where they live on different stages, each stage keeps a copy. All copies
+start equal; after each backward their gradients are summed (locally when one rank holds several
+copies, over the pipeline ranks holding them otherwise), so identical AdamW updates keep them
+equal: the same arithmetic as one shared Parameter. Nothing here knows a model family.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,36 +17,64 @@ from torch import nn
 from hpcpipe.parallel.p2p import allreduce_
 
 
-def tied_copies(stages: dict[int, nn.Module], num_layers: int) -> list[nn.Parameter]:
-    """This rank's distinct copies of the tied matrix (tok.weight and/or lm_head.weight)."""
-    suffixes = ("layers.0.tok.weight", f"layers.{num_layers - 1}.lm_head.weight")
-    found: dict[int, nn.Parameter] = {}
-    for stage in stages.values():
-        for name, param in stage.named_parameters(remove_duplicate=False):
-            if name in suffixes:
-                found[id(param)] = param
-    return list(found.values())
+@dataclass
+class TiedGroup:
+    """One tie group as this rank sees it."""
+
+    key: str
+    names: tuple[str, ...]  # global names; the first is the one stored and counted
+    copies: list[nn.Parameter]  # this rank's distinct copies (may be empty)
+    comm: object | None  # the pp ranks holding copies, or None when one rank holds them all
 
 
-def separate_head_copy(stages: dict[int, nn.Module], num_layers: int) -> set[int]:
-    """id of the head's copy when it is a Parameter of its own (count the matrix only once)."""
-    name = f"layers.{num_layers - 1}.lm_head.weight"
-    embedding = "layers.0.tok.weight"
-    params = {n: p for s in stages.values() for n, p in s.named_parameters(remove_duplicate=False)}
-    if name in params and (embedding not in params or params[embedding] is not params[name]):
-        return {id(params[name])}
-    return set()
+def holders(names, stage_of_layer, pp_size: int) -> list[int]:
+    """Pipeline ranks holding some member of a group (stage s lives on rank s % pp)."""
+    return sorted({stage_of_layer(int(n.split(".")[1])) % pp_size for n in names})
 
 
-def sum_tied_grads(copies: list[nn.Parameter], comm, timeout: float = 300.0) -> float:
+def build_groups(tie_groups: dict, stages: dict, stage_of_layer, grid) -> list[TiedGroup]:
+    """Collective over the pp axis: every rank passes the same groups in the same order."""
+    params = _named(stages)
+    out = []
+    for key in sorted(tie_groups):
+        names = tuple(tie_groups[key])
+        ranks = holders(names, stage_of_layer, grid.topology.pp)
+        comm = grid.split_pp(ranks) if len(ranks) > 1 else None
+        found = {id(params[n]): params[n] for n in names if n in params}
+        out.append(TiedGroup(key, names, list(found.values()), comm))
+    return out
+
+
+def _named(stages: dict) -> dict[str, nn.Parameter]:
+    return {n: p for s in stages.values() for n, p in s.named_parameters(remove_duplicate=False)}
+
+
+def duplicate_copies(groups: list[TiedGroup], stages: dict) -> set[int]:
+    """ids of copies that repeat their group's first member (count each matrix once)."""
+    params = _named(stages)
+    skip = set()
+    for group in groups:
+        first = params.get(group.names[0])
+        for name in group.names[1:]:
+            if name in params and params[name] is not first:
+                skip.add(id(params[name]))
+    return skip
+
+
+def canonical_names(groups: list[TiedGroup]) -> dict[str, str]:
+    """{member name: the group's first name} for every member but the first."""
+    return {name: g.names[0] for g in groups for name in g.names[1:]}
+
+
+def sum_tied_grads(group: TiedGroup, timeout: float = 300.0) -> float:
     """Make every copy's gradient the sum over all copies; return seconds spent waiting."""
-    if not copies:
+    if not group.copies:
         return 0.0
-    total = torch.zeros_like(copies[0])
-    for param in copies:
+    total = torch.zeros_like(group.copies[0])
+    for param in group.copies:
         if param.grad is not None:
             total += param.grad
-    waited = allreduce_(comm, total, timeout=timeout) if comm is not None else 0.0
-    for param in copies:
-        param.grad = total.clone() if len(copies) > 1 else total
+    waited = allreduce_(group.comm, total, timeout=timeout) if group.comm is not None else 0.0
+    for param in group.copies:
+        param.grad = total.clone() if len(group.copies) > 1 else total
     return waited

@@ -11,8 +11,6 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hpcpipe.models.gpt2.model import GPTConfig, layer_costs
-
 
 class PartitionError(ValueError):
     """A stage layout that cannot work, with a message saying how to fix it."""
@@ -193,21 +191,17 @@ def from_counts(counts: Sequence[int], costs: Sequence[float]) -> Partition:
     return Partition(bounds=tuple(zip(cuts[:-1], cuts[1:], strict=True)), costs=costs)
 
 
-def plan(
-    config: GPTConfig,
-    num_stages: int,
-    counts: Sequence[int] | None = None,
-    cost: str = "params",
+def partition_layers(
+    costs: Sequence[float], num_stages: int, counts: Sequence[int] | None = None
 ) -> Partition:
-    """Partition a GPT's layers: balanced by `cost`, or as given by `counts`."""
-    costs = layer_costs(config, cost)
-    n = config.num_layers
+    """Cut layers with these costs into num_stages stages: balanced, or as given by `counts`."""
+    n = len(costs)
     if num_stages < 1:
         raise PartitionError(f"num_stages must be >= 1, got {num_stages}")
     if num_stages > n:
         raise PartitionError(
-            f"{n} layers (embedding + {config.n_layers} blocks + head) cannot fill "
-            f"{num_stages} stages; use at most {n} stages or more layers"
+            f"the model's {n} layers cannot fill {num_stages} stages; use at most {n} stages "
+            "or more layers"
         )
     if counts is None:
         return balanced(costs, num_stages)

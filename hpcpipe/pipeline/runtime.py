@@ -65,7 +65,9 @@ class PipelineRuntime:
     weight_store: WeightGradStore | None = None  # set: B computes input grads, W weight grads
     step_index: int = 0
     trace: list | None = None  # when a list: (action, start, end) of every action, perf_counter
-    fault_plan: object | None = None  # fault.FaultPlan (HPCPIPE_FAULT) and this rank's world rank
+    fault_injection: object | None = (
+        None  # fault.FaultInjection (HPCPIPE_FAULT) and this rank's world rank
+    )
     world_rank: int = 0
 
     def rank_of(self, stage: int) -> int:
@@ -253,14 +255,14 @@ class PipelineRuntime:
     def _inject(self, action: Action) -> None:
         if self.fail_at and self.fail_at == f"{self.step_index}:{action}":
             raise RuntimeError(f"injected failure (debug.fail_at) at step {self.step_index}")
-        plan = self.fault_plan
-        if plan is not None:
+        injection = self.fault_injection
+        if injection is not None:
             step = self.step_index + 1  # HPCPIPE_FAULT counts steps as printed, from 1
             first = action is self.actions[0]
-            if plan.fires(self.world_rank, step, str(action)) or (
-                first and plan.fires(self.world_rank, step, None)
+            if injection.fires(self.world_rank, step, str(action)) or (
+                first and injection.fires(self.world_rank, step, None)
             ):
-                plan.fire()
+                injection.fire()
 
     def _describe_failure(self, index: int, action: Action, exc: Exception) -> str:
         program = " ".join(f"[{a}]" if i == index else str(a) for i, a in enumerate(self.actions))

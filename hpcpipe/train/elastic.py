@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from hpcpipe.config import Config, ConfigError
+from hpcpipe.models import get_spec
 from hpcpipe.pipeline.schedule import ScheduleError, build_schedule
 
 
@@ -20,7 +21,7 @@ def _fits(config: Config, dp: int, pp: int) -> bool:
     s = config.schedule
     if config.train.global_batch % (dp * s.microbatches):
         return False
-    if config.model.n_layers + 2 < pp * s.virtual:
+    if get_spec(config.model.arch).num_layers(config.model) < pp * s.virtual:
         return False
     try:
         build_schedule(s.name, pp, s.microbatches, s.virtual)

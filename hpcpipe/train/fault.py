@@ -18,7 +18,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)
-class FaultPlan:
+class FaultInjection:
     """Where one rank should die."""
 
     rank: int
@@ -27,7 +27,7 @@ class FaultPlan:
     signal: str = "KILL"
 
     @classmethod
-    def parse(cls, text: str) -> FaultPlan:
+    def parse(cls, text: str) -> FaultInjection:
         """Read 'rank=1,step=2,action=1F0,signal=KILL'; ValueError names what is wrong."""
         fields = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
@@ -59,10 +59,10 @@ class FaultPlan:
         os.kill(os.getpid(), signal.SIGKILL if self.signal == "KILL" else signal.SIGSTOP)
 
 
-def plan_from_env(environ=os.environ) -> FaultPlan | None:
+def injection_from_env(environ=os.environ) -> FaultInjection | None:
     """The injected fault for this job, if any."""
     text = environ.get("HPCPIPE_FAULT", "").strip()
-    return FaultPlan.parse(text) if text else None
+    return FaultInjection.parse(text) if text else None
 
 
 class Stopped(Exception):

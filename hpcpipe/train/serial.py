@@ -1,4 +1,4 @@
-"""Single-process training of the whole GPT: the correctness oracle and the benchmark baseline.
+"""Single-process training of the whole model: the correctness oracle and the benchmark baseline.
 
 It shares no code with the pipeline runtime: one model, plain autograd, torch's own clipping.
 """
@@ -9,9 +9,10 @@ import torch
 
 from hpcpipe import data
 from hpcpipe.config import Config
-from hpcpipe.models.gpt2.model import GPT, loss_fn
+from hpcpipe.models import get_spec
+from hpcpipe.models.api import build_model
 from hpcpipe.train import optim
-from hpcpipe.train.trainer import TORCH_DTYPES, gpt_config
+from hpcpipe.train.trainer import TORCH_DTYPES
 
 
 class SerialTrainer:
@@ -20,7 +21,8 @@ class SerialTrainer:
     def __init__(self, config: Config, tokens=None):
         self.config = config
         dtype = TORCH_DTYPES[config.train.dtype]
-        self.model = GPT(gpt_config(config), config.train.seed).to(dtype=dtype)
+        self.spec = get_spec(config.model.arch)
+        self.model = build_model(self.spec, config.model, config.train.seed).to(dtype=dtype)
         self.optimizer = optim.make_adamw(self.model.named_parameters(), config.train)
         t = config.train
         if tokens is None:
@@ -37,7 +39,7 @@ class SerialTrainer:
         self.model.zero_grad(set_to_none=True)
         total = 0.0
         for x, y in data.split_microbatches(inputs, targets, M):
-            loss = loss_fn(self.model(x), y) / M
+            loss = self.spec.loss(self.model(x), y) / M
             loss.backward()
             total += float(loss.detach().double())
         return total

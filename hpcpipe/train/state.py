@@ -2,7 +2,7 @@
 
 Parameters and AdamW moments are saved under the parameter's global name (moments prefixed
 `optim.exp_avg/`, `optim.exp_avg_sq/`, `optim.step/`), with the slice a tensor-parallel rank
-holds. A tied head copy is never saved: it is the embedding's matrix, and it loads from there.
+holds. A tied copy is never saved: it is its group's first member, and it loads from there.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def canonical_name(trainer, name: str) -> str:
-    """The name a tied head copy is stored under (the embedding's)."""
-    head = f"layers.{trainer.plan.model.num_layers - 1}.lm_head.weight"
-    return "layers.0.tok.weight" if trainer.tie and name == head else name
+    """The name a tied copy is stored under (its group's first member)."""
+    return trainer.canonical.get(name, name)
 
 
 def _placement(trainer, name: str, tensor: torch.Tensor):
@@ -45,7 +44,7 @@ def _trim(tensor: torch.Tensor, local_shape) -> torch.Tensor:
 
 
 def _saved_params(trainer):
-    """(name, parameter) pairs this rank writes: no tied head copies."""
+    """(name, parameter) pairs this rank writes: no tied copies."""
     return [(n, p) for n, p in trainer.named_params if canonical_name(trainer, n) == n]
 
 
@@ -78,7 +77,7 @@ def manifest(trainer) -> dict:
         "layout": {"dp": p.dp, "pp": p.pp, "tp": p.tp, "order": p.order,
                    "schedule": trainer.config.schedule.name,
                    "virtual": trainer.config.schedule.virtual,
-                   "partition": [list(b) for b in trainer.plan.partition.bounds]},
+                   "partition": [list(b) for b in trainer.blueprint.partition.bounds]},
         "sampler": sampler,
         "lr_schedule": {"step": trainer.step_index},
         "rng": [g["rng"] for g in gathered],
@@ -105,10 +104,12 @@ def save(trainer, root) -> str:
 
 def _fault_hook(trainer):
     """HPCPIPE_FAULT with action=ckpt: die after the first dataset of this step's shard."""
-    plan = trainer.runtime.fault_plan
-    if plan is None or not plan.fires(trainer.runtime.world_rank, trainer.step_index, "ckpt"):
+    injection = trainer.runtime.fault_injection
+    if injection is None or not injection.fires(
+        trainer.runtime.world_rank, trainer.step_index, "ckpt"
+    ):
         return None
-    return lambda _name: plan.fire()
+    return lambda _name: injection.fire()
 
 
 def _wanted(trainer) -> list[tuple]:

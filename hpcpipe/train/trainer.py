@@ -1,34 +1,27 @@
-"""Pipeline-parallel training loop: grid + partition + schedule + runtime + optimizer."""
+"""One rank's share of training: its stages, schedule, runtime, reductions and optimizer."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mpi4py import MPI
 
 from hpcpipe import data
-from hpcpipe.checkpoint import store as checkpoint
 from hpcpipe.config import Config, ConfigError, check_world
-from hpcpipe.models.gpt2.model import GPTConfig, Stage, loss_fn
-from hpcpipe.parallel import tied, ulfm
+from hpcpipe.models import get_spec
+from hpcpipe.models.api import ModelSpec, build_stage, check_boundaries, layer_costs
+from hpcpipe.parallel import tied
 from hpcpipe.parallel.data_parallel import GradReducer
-from hpcpipe.parallel.grid import Grid, Topology
+from hpcpipe.parallel.grid import Grid
 from hpcpipe.parallel.p2p import P2P, allreduce_
-from hpcpipe.parallel.tensor_parallel import TPContext, check_divisible, loss_for, parallelize_stage
-from hpcpipe.pipeline import trace as tracing
-from hpcpipe.pipeline.partition import Partition, PartitionError, plan
+from hpcpipe.parallel.tensor_parallel import TPContext, parallelize_stage
+from hpcpipe.pipeline.partition import Partition, PartitionError, partition_layers
 from hpcpipe.pipeline.runtime import PipelineRuntime, StepResult
 from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Schedule, ScheduleError, build_schedule
 from hpcpipe.pipeline.zero_bubble import WeightGradStore, enable_split_backward
-from hpcpipe.train import elastic, fault, optim
-from hpcpipe.train import state as train_state
+from hpcpipe.train import fault, optim
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -38,64 +31,64 @@ TORCH_DTYPES = {
 }
 
 
-def gpt_config(config: Config) -> GPTConfig:
-    """The model section as the model's own config."""
-    m = config.model
-    return GPTConfig(
-        n_layers=m.n_layers,
-        d_model=m.d_model,
-        n_heads=m.n_heads,
-        seq_len=m.seq_len,
-        vocab_size=m.vocab_size,
-        tie_embeddings=m.tie_embeddings,
-    )
-
-
 @dataclass(frozen=True)
-class Plan:
+class Blueprint:
     """Everything decided from the config alone: identical on every rank, no MPI needed."""
 
-    model: GPTConfig
+    spec: ModelSpec  # the model family
+    model: object  # its config (config.model)
     partition: Partition
     schedule: Schedule
     num_stages: int
     microbatch_size: int
 
 
-def make_plan(config: Config, world_size: int) -> Plan:
-    """Check the config against the world and derive partition and schedule (raises ConfigError)."""
+def make_blueprint(config: Config, world_size: int) -> Blueprint:
+    """Check the config against the world; derive partition and schedule (raises ConfigError)."""
     check_world(config, world_size)
     p, s = config.parallel, config.schedule
-    model = gpt_config(config)
-    try:
-        model.check()
-        check_divisible(model, p.tp)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    spec, model = get_spec(config.model.arch), config.model
+    per_replica = config.train.global_batch // p.dp
+    microbatch_size = per_replica // s.microbatches
     num_stages = p.pp * s.virtual
     try:
+        check_tensor_parallel(spec, model, p.tp)
+        check_boundaries(spec, model, microbatch_size)
+        costs = layer_costs(spec, model, p.balance)
         schedule = build_schedule(s.name, p.pp, s.microbatches, s.virtual)
-        partition = plan(model, num_stages, counts=p.partition or None, cost=p.balance)
+        partition = partition_layers(costs, num_stages, counts=p.partition or None)
     except (PartitionError, ScheduleError) as exc:
         detail = f" (pp={p.pp} x schedule.virtual={s.virtual} stages)" if s.virtual > 1 else ""
         raise ConfigError(f"{exc}{detail}") from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if config.data.path and not Path(config.data.path).is_file():
         raise ConfigError(
             f"data.path={config.data.path} does not exist; create it with "
             f"`hpcpipe data prepare --out {config.data.path} TEXT...` or leave data.path empty "
             "for the built-in corpus"
         )
-    per_replica = config.train.global_batch // p.dp
-    return Plan(model, partition, schedule, num_stages, per_replica // s.microbatches)
+    return Blueprint(spec, model, partition, schedule, num_stages, microbatch_size)
+
+
+def check_tensor_parallel(spec: ModelSpec, model, tp: int) -> None:
+    """The family must have a tensor-parallel plan that splits this model tp ways."""
+    if tp == 1:
+        return
+    plan = spec.tp_plan()
+    if plan is None:
+        raise ValueError(f"model.arch={spec.name!r} has no tensor-parallel plan; use parallel.tp=1")
+    plan.check(model, tp)
 
 
 class PipelineTrainer:
     """One rank's share of pipeline-parallel training."""
 
-    def __init__(self, config: Config, grid: Grid, plan: Plan, device: str = "cpu", tokens=None):
-        self.config, self.grid, self.plan = config, grid, plan
+    def __init__(
+        self, config: Config, grid: Grid, blueprint: Blueprint, device: str = "cpu", tokens=None
+    ):
+        self.config, self.grid, self.blueprint = config, grid, blueprint
         self.dtype = TORCH_DTYPES[config.train.dtype]
-        self.tie = plan.model.tie_embeddings
         self.device = torch.device(device)
         self.pp_rank = grid.pp_rank
         self.tp = TPContext(grid.tp_comm, grid.tp_rank, config.parallel.tp, config.parallel.timeout)
@@ -109,7 +102,11 @@ class PipelineTrainer:
         named = unique_named_parameters(self.stages)
         self.named_params = named
         self.params = [p for _, p in named]
-        self.tied = tied.tied_copies(self.stages, plan.model.num_layers) if self.tie else []
+        self.tied = tied.build_groups(
+            blueprint.spec.tie_groups(blueprint.model), self.stages,
+            blueprint.partition.stage_of_layer, grid,
+        )  # fmt: skip
+        self.canonical = tied.canonical_names(self.tied)  # tied copy -> the name it is stored as
         self.norm_params = self._norm_params(named)
         self.optimizer = optim.make_adamw(named, config.train)
         self.reducer = GradReducer(
@@ -121,21 +118,22 @@ class PipelineTrainer:
             self.reducer.defer(deferred_parameters(self.stages))
         self.step_index = 0
         self.sampler, self.tokens = self._build_data(tokens)
-        m = config.model
         self.runtime = PipelineRuntime(
             stages=self.stages,
-            actions=plan.schedule[self.pp_rank],
-            num_stages=plan.num_stages,
+            actions=blueprint.schedule[self.pp_rank],
+            num_stages=blueprint.num_stages,
             pp_size=config.parallel.pp,
             p2p=P2P(grid.pp_comm, timeout=config.parallel.timeout),
-            activation_shape=(plan.microbatch_size, m.seq_len, m.d_model),
+            activation_shape=blueprint.spec.boundary_shape(
+                blueprint.model, blueprint.microbatch_size
+            ),
             dtype=self.dtype,
             device=self.device,
-            loss_fn=loss_for(plan.model, self.tp) if self.tp.size > 1 else loss_fn,
+            loss_fn=self._loss_fn(),
             recompute=config.schedule.recompute,
             fail_at=self._fail_at(),
             weight_store=self.weight_store,
-            fault_plan=fault.plan_from_env(),
+            fault_injection=fault.injection_from_env(),
             world_rank=launch_rank(),
         )
         self.stop_request: fault.StopRequest | None = None
@@ -144,14 +142,12 @@ class PipelineTrainer:
         """The parameters whose squares this rank adds to the global norm: each counted once.
 
         dp replicas hold equal gradients (dp rank 0 counts); replicated tensor-parallel
-        parameters are equal on every tp rank (tp rank 0 counts); the head's copy of a tied
-        matrix duplicates the embedding's (the embedding counts).
+        parameters are equal on every tp rank (tp rank 0 counts); a tied copy duplicates its
+        group's first member (that one counts).
         """
         if self.grid.dp_rank > 0:
             return []
-        skip = (
-            tied.separate_head_copy(self.stages, self.plan.model.num_layers) if self.tie else set()
-        )
+        skip = tied.duplicate_copies(self.tied, self.stages)
         keep = []
         for name, p in named:
             replicated = name not in self.tp_specs
@@ -168,18 +164,23 @@ class PipelineTrainer:
         rank, _, rest = spec.partition(":")
         return rest if int(rank) == self.grid.world_rank else None
 
-    def _build_stages(self) -> dict[int, Stage]:
+    def _loss_fn(self):
+        """The family's loss, or its vocabulary-parallel form under tensor parallelism."""
+        b = self.blueprint
+        return b.spec.tp_plan().loss(b.model, self.tp) if self.tp.size > 1 else b.spec.loss
+
+    def _build_stages(self) -> dict:
         """The chunks this pipeline rank holds, built directly from the seed (no full model)."""
-        stages = {}
-        for s in range(self.pp_rank, self.plan.num_stages, self.config.parallel.pp):
-            stage = Stage(self.plan.model, self.plan.partition.layers(s), self.config.train.seed)
+        b, stages = self.blueprint, {}
+        for s in range(self.pp_rank, b.num_stages, self.config.parallel.pp):
+            stage = build_stage(b.spec, b.model, b.partition.layers(s), self.config.train.seed)
             if self.tp.size > 1:
-                self.tp_specs.update(parallelize_stage(stage, self.plan.model, self.tp))
+                self.tp_specs.update(parallelize_stage(stage, b.spec, b.model, self.tp))
             stages[s] = stage.to(device=self.device, dtype=self.dtype)
         return stages
 
     def _needs_data(self) -> bool:
-        return 0 in self.stages or self.plan.num_stages - 1 in self.stages
+        return 0 in self.stages or self.blueprint.num_stages - 1 in self.stages
 
     def _build_data(self, tokens=None):
         """Tokens and sampler on the ranks holding the first or last stage (inputs / targets)."""
@@ -210,9 +211,8 @@ class PipelineTrainer:
         self.reducer.start_step()
         result = self.runtime.step(self.next_microbatches())
         result.wait_seconds += self.reducer.finish()
-        result.wait_seconds += tied.sum_tied_grads(
-            self.tied, self.grid.embedding_comm, self.config.parallel.timeout
-        )
+        for group in self.tied:
+            result.wait_seconds += tied.sum_tied_grads(group, self.config.parallel.timeout)
         return result
 
     def finish_step(self, result: StepResult) -> dict:
@@ -302,271 +302,15 @@ def unique_named_parameters(stages: dict) -> list[tuple[str, torch.nn.Parameter]
     return out
 
 
-def describe_run(config: Config, plan: Plan, world_size: int) -> str:
+def describe_run(config: Config, blueprint: Blueprint, world_size: int) -> str:
     """The banner rank 0 prints before training."""
     p, s = config.parallel, config.schedule
     lines = [
-        f"hpcpipe: {world_size} ranks (dp={p.dp} pp={p.pp} tp={p.tp}), schedule {s.name}, "
-        f"M={s.microbatches} micro-batches of {plan.microbatch_size}"
+        f"hpcpipe: {config.model.arch} model, {world_size} ranks "
+        f"(dp={p.dp} pp={p.pp} tp={p.tp}), schedule {s.name}, "
+        f"M={s.microbatches} micro-batches of {blueprint.microbatch_size}"
         f"{f', V={s.virtual} chunks per rank' if s.virtual > 1 else ''}, dtype {config.train.dtype}"
         f"{', recompute' if s.recompute else ''}",
-        plan.partition.describe(),
+        blueprint.partition.describe(),
     ]
     return "\n".join(lines)
-
-
-def trace_step(trainer: PipelineTrainer, path: str) -> dict:
-    """Run one step with every action timed; rank 0 writes the merged trace. Returns the record."""
-    comm = trainer.grid.cart
-    comm.Barrier()  # a common origin for every rank's clock
-    origin = time.perf_counter()
-    trainer.runtime.trace = []
-    record = trainer.train_step()
-    events = tracing.local_events(trainer.runtime.trace, origin, trainer.grid.pp_rank)
-    trainer.runtime.trace = None
-    gathered = comm.gather(events if trainer.grid.coords["dp"] == 0 else [], root=0)
-    if trainer.grid.world_rank == 0:
-        s = trainer.config.schedule
-        meta = {
-            "K": trainer.config.parallel.pp,
-            "M": s.microbatches,
-            "V": s.virtual,
-            "schedule": s.name,
-            "step": record["step"],
-            "step_time": record["step_time"],
-        }
-        meta = tracing.write_trace(path, [e for part in gathered for e in part], meta)
-        record["measured_bubble"] = meta["measured_bubble"]
-    return record
-
-
-def resume_point(config: Config, comm, resume: str | None, echo) -> str | None:
-    """The checkpoint to start from: --resume PATH, or the newest valid one for `auto`."""
-    if not resume:
-        return None
-    if resume != "auto":
-        return resume
-    found = None
-    if comm.Get_rank() == 0:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            found = checkpoint.find_latest_valid(config.checkpoint.dir)
-        for warning in caught:
-            echo(f"hpcpipe: warning: {warning.message}")
-        if found is None:
-            echo(f"hpcpipe: no valid checkpoint in {config.checkpoint.dir}; starting at step 0")
-    found = comm.bcast(str(found) if found else None, root=0)
-    return found
-
-
-def train(
-    config: Config,
-    comm,
-    metrics_path: str | None = None,
-    echo=print,
-    trace_path: str | None = None,
-    resume: str | None = None,
-) -> list[dict]:
-    """Train until config.train.steps; rank 0 prints and writes metrics.
-
-    With trace_path, the last step is traced (every action's start and end on every rank).
-    resume: None, "auto" (newest valid checkpoint in checkpoint.dir) or a checkpoint path.
-    Raises fault.Stopped after checkpointing when a rank received SIGTERM or SIGUSR1.
-    """
-    config, active = elastic_layout(config, comm, echo)
-    if active is None:
-        idle_until_done(comm)  # an idle rank of a re-planned layout
-        return []
-    stop = fault.StopRequest().install()
-    try:
-        records = train_recovering(active, config, metrics_path, echo, trace_path, resume, stop)
-    finally:
-        stop.restore()
-    if active is not comm:
-        idle_until_done(comm)
-    return records
-
-
-def _mpi_failure(exc: BaseException | None, held: list) -> bool:
-    """A process failure in the exception's cause chain (ULFM): reported as one, or any other
-    MPI error while a held communicator is revoked or knows a failed member."""
-    seen, mpi_error = set(), False
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if ulfm.is_process_failure(exc):
-            return True
-        mpi_error = mpi_error or isinstance(exc, MPI.Exception)
-        exc = exc.__cause__ or exc.__context__
-    return mpi_error and ulfm.failure_known(held)
-
-
-def _held_comms(comm, grid) -> list:
-    """Every communicator a rank of this job may be waiting on."""
-    return [comm] + ([grid.cart, grid.embedding_comm, *grid.comms.values()] if grid else [])
-
-
-def train_recovering(comm, config, metrics_path, echo, trace_path, resume, stop) -> list[dict]:
-    """train_on, and under ULFM: on a rank's death, shrink, re-plan, reload, carry on."""
-    recoverable = ulfm.ulfm_available(comm)
-    holder: dict = {}
-    records: list[dict] = []
-    while True:
-        try:
-            args = (metrics_path, echo, trace_path, resume, stop, holder)
-            records += train_on(comm, config, *args)
-            if holder.get("recovered"):
-                exit_without_finalize(comm)
-            return records
-        except BaseException as exc:
-            if not (recoverable and _mpi_failure(exc, _held_comms(comm, holder.get("grid")))):
-                raise
-            holder["failed_at"] = time.perf_counter()
-            holder["recovered"] = True
-            comm, config = recover(comm, config, holder.get("grid"), echo)
-            resume = "auto"
-
-
-def exit_without_finalize(comm) -> None:
-    """End a process that survived a failure: every survivor is done, then exit(0).
-
-    NOTE: after a rank died, Open MPI 5's MPI_Finalize on the survivors sometimes waits forever
-    (seen 1 run in ~5 under load: all survivors sleeping in ompi_mpi_finalize). The work and its
-    checkpoints are complete here, so meet the other survivors and leave without it.
-    """
-    from hpcpipe.parallel.p2p import wait_politely
-
-    wait_politely(comm.Ibarrier(), time.monotonic() + 60, lambda: "survivors' final barrier")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def recover(comm, config: Config, grid, echo):
-    """Revoke everything, shrink to the survivors, agree, re-plan the layout for them."""
-    timeout = config.parallel.timeout
-    ulfm.revoke_all(_held_comms(comm, grid))
-    survivors, failed = ulfm.shrink(comm, timeout)
-    if ulfm.agree(survivors, 1, timeout) != 1:
-        raise RuntimeError("survivors could not agree to continue after a failure")
-    size = survivors.Get_size()
-    config, note = elastic.replan(config, size)
-    p = config.parallel
-    if survivors.Get_rank() == 0:
-        echo(f"hpcpipe: ULFM: ranks {failed} failed; {size} survivors carry on in this job")
-        if note:
-            echo(f"hpcpipe: {note}")
-    if p.dp * p.pp * p.tp != size:
-        # NOTE: continuing on a sub-communicator would leave ranks idle; restart instead.
-        raise RuntimeError(f"no layout uses exactly the {size} survivors; relaunch the job")
-    return survivors, config
-
-
-def idle_until_done(comm) -> None:
-    """Meet the idle ranks at the end without spinning (MPI_Finalize would busy-wait)."""
-    from hpcpipe.parallel.p2p import wait_politely
-
-    # NOTE: an idle rank may wait for the whole run; only a dead job ends it (mpiexec).
-    request = comm.Ibarrier()
-    wait_politely(request, float("inf"), lambda: "unreachable")
-
-
-def elastic_layout(config: Config, comm, echo):
-    """(config, communicator to train on): re-planned for the ranks present when elastic.
-
-    Ranks beyond the new layout get None and sit the run out.
-    """
-    world = comm.Get_size()
-    if not config.parallel.elastic:
-        return config, comm
-    config, note = elastic.replan(config, world)
-    if not note:
-        return config, comm
-    if comm.Get_rank() == 0:
-        echo(f"hpcpipe: {note}")
-    p = config.parallel
-    used = p.dp * p.pp * p.tp
-    if used == world:
-        return config, comm
-    from mpi4py import MPI
-
-    color = 0 if comm.Get_rank() < used else MPI.UNDEFINED
-    active = comm.Split(color, comm.Get_rank())
-    return config, (None if active == MPI.COMM_NULL else active)
-
-
-def train_on(comm, config, metrics_path, echo, trace_path, resume, stop, holder=None):
-    """Build this rank's trainer on `comm`, resume if asked, and run the step loop.
-
-    holder["grid"] is set so a failure handler can revoke the communicators in use.
-    """
-    plan = make_plan(config, comm.Get_size())
-    torch.set_num_threads(config.train.threads)
-    p = config.parallel
-    grid = Grid(comm, Topology.parse(p.dp, p.pp, p.tp, p.order))
-    if holder is not None:
-        holder["grid"] = grid
-    trainer = PipelineTrainer(config, grid, plan, device=pick_device(config, comm))
-    trainer.stop_request = stop
-    leader = grid.world_rank == 0
-    say = echo if leader else (lambda _: None)
-    say(describe_run(config, plan, comm.Get_size()))
-    start = resume_point(config, comm, resume, say)
-    if start:
-        meta = train_state.restore(trainer, start)
-        changed = train_state.check_layout_change(meta, config)
-        moved = f" onto a new layout ({', '.join(changed)})" if changed else ""
-        since = holder.pop("failed_at", None) if holder else None
-        took = f" ({time.perf_counter() - since:.2f} s after the failure)" if since else ""
-        say(f"hpcpipe: resumed from {start} at step {trainer.step_index}{moved}{took}")
-    sink = open(metrics_path, "a" if start else "w") if leader and metrics_path else None  # noqa: SIM115
-    try:
-        records = step_loop(trainer, sink, say, trace_path)
-    finally:
-        if sink:
-            sink.close()
-    grid.free()  # NOTE: not after a failure: the recovery revokes these communicators first
-    return records
-
-
-def step_loop(trainer: PipelineTrainer, sink, say, trace_path) -> list[dict]:
-    """Steps until the end, an exit interval, or a stop signal (then checkpoint and raise)."""
-    config, records = trainer.config, []
-    while trainer.step_index < config.train.steps:
-        last = trainer.step_index == config.train.steps - 1
-        record = trace_step(trainer, trace_path) if trace_path and last else trainer.train_step()
-        records.append(record)
-        if record["step"] % config.train.log_every == 0:
-            say(format_record(record, config.train.steps))
-        if sink:
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-        interval = config.train.exit_interval
-        exiting = bool(interval) and trainer.step_index % interval == 0 and not last
-        signalled = record.get("stop_requested", False) and not last
-        maybe_save(trainer, last, say, force=exiting or signalled)
-        if signalled:
-            say(f"hpcpipe: stop signal: checkpointed step {trainer.step_index}; exiting with "
-                f"{fault.EXIT_REQUEUE} (resubmit with --resume auto)")  # fmt: skip
-            raise fault.Stopped(trainer.step_index)
-        if exiting:
-            say(f"hpcpipe: exit_interval reached at step {trainer.step_index}")
-            break
-    return records
-
-
-def maybe_save(trainer: PipelineTrainer, last: bool, say, force: bool = False) -> None:
-    """Checkpoint every checkpoint.every steps, after the last if checkpoint.at_end, or now."""
-    c = trainer.config.checkpoint
-    periodic = c.every and trainer.step_index % c.every == 0
-    if force or periodic or (last and c.at_end):
-        path = train_state.save(trainer, c.dir)
-        say(f"hpcpipe: checkpoint {path}")
-
-
-def format_record(record: dict, steps: int) -> str:
-    """One progress line."""
-    return (
-        f"step {record['step']:>5}/{steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-        f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-        f"bubble {record['bubble']:.3f}"
-    )

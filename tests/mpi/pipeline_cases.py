@@ -22,7 +22,7 @@ from hpcpipe.config import build_config
 from hpcpipe.parallel.grid import Grid, Topology
 from hpcpipe.pipeline.schedule import validate
 from hpcpipe.train.serial import SerialTrainer
-from hpcpipe.train.trainer import PipelineTrainer, make_plan
+from hpcpipe.train.trainer import PipelineTrainer, make_blueprint
 
 STEPS = 3
 TINY = {"n_layers": 2, "d_model": 16, "n_heads": 2, "seq_len": 8, "vocab_size": 256}
@@ -65,10 +65,10 @@ def run_case(comm, world: int, case: dict, tokens) -> dict:
     config = case_config(case)
     dp, pp, tp = case["layout"]
     grid = Grid(comm, Topology(dp, pp, tp))
-    plan = make_plan(config, world)
-    trainer = PipelineTrainer(config, grid, plan, tokens=tokens)
+    blueprint = make_blueprint(config, world)
+    trainer = PipelineTrainer(config, grid, blueprint, tokens=tokens)
     oracle = SerialTrainer(config, tokens=tokens)
-    bound = validate(plan.schedule, pp, case["microbatches"], case["virtual"])
+    bound = validate(blueprint.schedule, pp, case["microbatches"], case["virtual"])
     worst = {"loss": 0.0, "grad": 0.0, "param": 0.0, "peak": [], "bound": 0}
     worst["bound"] = bound.peak_activations[grid.pp_rank]
     for _ in range(STEPS):
@@ -103,7 +103,7 @@ def bf16_reduction_case(comm, case: dict, tokens) -> dict:
     config = case_config(case)
     dp, pp, tp = case["layout"]
     grid = Grid(comm, Topology(dp, pp, tp))
-    trainer = PipelineTrainer(config, grid, make_plan(config, comm.Get_size()), tokens=tokens)
+    trainer = PipelineTrainer(config, grid, make_blueprint(config, comm.Get_size()), tokens=tokens)
     trainer.reducer.start_step()
     trainer.runtime.step(trainer.next_microbatches())
     local = [p.grad.float().clone() for p in trainer.params]  # before the dp reduction

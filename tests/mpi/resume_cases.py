@@ -17,7 +17,7 @@ from hpcpipe import data
 from hpcpipe.config import build_config
 from hpcpipe.parallel.grid import Grid, Topology
 from hpcpipe.train import state as train_state
-from hpcpipe.train.trainer import PipelineTrainer, make_plan
+from hpcpipe.train.trainer import PipelineTrainer, make_blueprint
 
 STEPS, SAVE_AT = 6, 3
 TINY = {"n_layers": 4, "d_model": 16, "n_heads": 2, "seq_len": 8}
@@ -43,7 +43,7 @@ def config(dp, pp, tp, schedule, dtype, ckpt_dir):
 def trainer_on(comm, cfg, tokens):
     p = cfg.parallel
     grid = Grid(comm, Topology(p.dp, p.pp, p.tp))
-    return PipelineTrainer(cfg, grid, make_plan(cfg, comm.Get_size()), tokens=tokens)
+    return PipelineTrainer(cfg, grid, make_blueprint(cfg, comm.Get_size()), tokens=tokens)
 
 
 def run(trainer, until):

@@ -1,0 +1,231 @@
+"""The model API: what a model family supplies so hpcpipe can build, split and train it.
+
+A model is an ordered list of layers (DeepSpeed's PipelineModule/LayerSpec idea). Layer i is
+built on the meta device from the family's config, then initialised from its own generator
+seeded by (seed, i), so any rank builds any layer and every layout starts from the same weights.
+Pipeline, parallel and checkpoint code see only this API, never a family's classes.
+
+A family is one `ModelSpec`. Its config is a frozen dataclass deriving from `ModelConfig`: its
+fields are the `[model]` keys (every field needs a default), its `__post_init__` validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Keys every family has: the training window and the vocabulary (data needs them)."""
+
+    arch: str = ""
+    seq_len: int = 64
+    vocab_size: int = 256
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """How a family's layers split over the tp axis (torchtitan's per-model parallelize).
+
+    check(config, tp) raises ValueError when the shapes cannot split; parallelize(layer, index,
+    config, tp_context) swaps the layer's modules in place and returns {local parameter name:
+    (dim, offset, global size)} for the sharded ones; loss(config, tp_context) is the last
+    stage's loss over vocabulary-split logits.
+    """
+
+    check: Callable
+    parallelize: Callable
+    loss: Callable
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model family, in one place.
+
+    - config_class: the family's ModelConfig subclass (its fields are the [model] keys)
+    - num_layers(config): how many pipeline layers the model has
+    - build_layer(config, index): layer `index`; called on the meta device
+    - init_layer(layer, config, index, generator): fill every parameter, drawing only from it
+    - loss(logits, targets): mean loss over every token of a micro-batch
+    - tie_groups(config): {key: (global names...)}; the first name is the one stored
+    - boundary_shape(config, batch): activation shape between two layers (stage boundaries)
+    - layer_flops(config): forward FLOPs per token of each layer, or None
+    - tensor_parallel: "module:attribute" of its TensorParallelPlan (imported when tp > 1,
+      so a serial run never imports MPI), or "" when the family has none
+    - hf: "module:attribute" of its Hugging Face converter, or ""
+    """
+
+    name: str
+    config_class: type
+    num_layers: Callable
+    build_layer: Callable
+    init_layer: Callable
+    loss: Callable
+    boundary_shape: Callable
+    tie_groups: Callable = lambda config: {}
+    layer_flops: Callable | None = None
+    tensor_parallel: str = ""
+    hf: str = ""
+    cost_kinds: tuple[str, ...] = field(default=("params", "flops"))
+
+    def tp_plan(self) -> TensorParallelPlan | None:
+        """The tensor-parallel plan, imported on first use."""
+        return resolve(self.tensor_parallel) if self.tensor_parallel else None
+
+    def hf_converter(self):
+        """The Hugging Face converter, imported on first use (None when there is none)."""
+        return resolve(self.hf) if self.hf else None
+
+
+def resolve(target: str):
+    """The object named by 'package.module:attribute'."""
+    module_name, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """A stable 63-bit seed for layer `index` of a model seeded with `seed`."""
+    # hash rather than seed + index, so neighbouring seeds don't share layers
+    digest = hashlib.sha256(f"hpcpipe:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def build_layer(
+    spec: ModelSpec, config, index: int, seed: int, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Layer `index` on CPU, with weights that depend only on (config, seed, index)."""
+    n = spec.num_layers(config)
+    if not 0 <= index < n:
+        raise ValueError(f"layer index {index} out of range 0..{n - 1}")
+    # NOTE: built on the meta device: torch's default init would draw from (and advance) the
+    # global RNG, and every value is overwritten anyway.
+    with torch.device("meta"):
+        layer = spec.build_layer(config, index)
+    layer = layer.to_empty(device="cpu").float()
+    gen = torch.Generator(device="cpu").manual_seed(layer_seed(seed, index))
+    with torch.no_grad():
+        spec.init_layer(layer, config, index, gen)
+        _copy_tied_from_source(spec, config, index, seed, layer)
+    # always drawn in float32, then cast: a float64 model starts from exactly the float32
+    # model's weights, so the two differ only in arithmetic
+    return layer.to(dtype)
+
+
+def split_name(name: str) -> tuple[int, str]:
+    """'layers.7.attn.qkv.weight' -> (7, 'attn.qkv.weight')."""
+    prefix, index, rest = name.split(".", 2)
+    if prefix != "layers":
+        raise ValueError(f"global parameter names start with 'layers.<index>.', got {name!r}")
+    return int(index), rest
+
+
+def _copy_tied_from_source(spec: ModelSpec, config, index: int, seed: int, layer) -> None:
+    """A tied copy held apart from its source starts equal to it (the pipeline keeps it so)."""
+    for names in spec.tie_groups(config).values():
+        source_index, source_name = split_name(names[0])
+        for name in names[1:]:
+            copy_index, copy_name = split_name(name)
+            if copy_index == index and source_index != index:
+                source = build_layer(spec, config, source_index, seed).get_parameter(source_name)
+                layer.get_parameter(copy_name).copy_(source)
+
+
+def tie_within(spec: ModelSpec, config, layers: Mapping[int, nn.Module]) -> None:
+    """Share one Parameter between the members of a tie group that one set of layers holds."""
+    for names in spec.tie_groups(config).values():
+        held = [split_name(n) for n in names if split_name(n)[0] in layers]
+        if len(held) < 2:
+            continue
+        source = layers[held[0][0]].get_parameter(held[0][1])
+        for index, name in held[1:]:
+            owner, _, leaf = name.rpartition(".")
+            setattr(layers[index].get_submodule(owner) if owner else layers[index], leaf, source)
+
+
+class Stage(nn.Module):
+    """A contiguous slice of layers, keyed by global index so names match the whole model's."""
+
+    def __init__(self, layers: Mapping[int, nn.Module]):
+        super().__init__()
+        indices = sorted(layers)
+        if not indices or indices != list(range(indices[0], indices[-1] + 1)):
+            raise ValueError(f"a stage needs a non-empty contiguous set of layers, got {indices}")
+        self.layer_indices = range(indices[0], indices[-1] + 1)
+        self.layers = nn.ModuleDict({str(i): layers[i] for i in indices})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers.values():
+            x = layer(x)
+        return x
+
+
+def build_stage(
+    spec: ModelSpec, config, layer_indices: range, seed: int = 0, dtype=torch.float32
+) -> Stage:
+    """The layers `layer_indices` of the model, tied where one stage holds a whole group."""
+    n = spec.num_layers(config)
+    indices = list(layer_indices)
+    if not indices or indices[0] < 0 or indices[-1] >= n:
+        raise ValueError(
+            f"layer_indices {layer_indices} must be a non-empty range within 0..{n - 1}"
+        )
+    layers = {i: build_layer(spec, config, i, seed, dtype) for i in indices}
+    tie_within(spec, config, layers)
+    return Stage(layers)
+
+
+def build_model(spec: ModelSpec, config, seed: int = 0, dtype=torch.float32) -> Stage:
+    """The whole model on one process: the reference every pipeline layout must match."""
+    return build_stage(spec, config, range(spec.num_layers(config)), seed, dtype)
+
+
+def param_costs(spec: ModelSpec, config) -> list[float]:
+    """Parameters of each layer, counted on meta layers (no memory, no init)."""
+    with torch.device("meta"):
+        layers = [spec.build_layer(config, i) for i in range(spec.num_layers(config))]
+    return [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
+
+
+def layer_costs(spec: ModelSpec, config, kind: str = "params") -> list[float]:
+    """Cost of each layer for balancing stages: parameters, or forward FLOPs per token."""
+    if kind == "params":
+        return param_costs(spec, config)
+    if kind == "flops" and spec.layer_flops is not None:
+        return [float(c) for c in spec.layer_flops(config)]
+    kinds = ["params"] + (["flops"] if spec.layer_flops is not None else [])
+    raise ValueError(
+        f"unknown cost kind {kind!r} for model.arch={spec.name!r}; use one of {', '.join(kinds)}"
+    )
+
+
+def check_boundaries(spec: ModelSpec, config, batch: int) -> None:
+    """Run the model on meta tensors; every layer but the last must emit boundary_shape.
+
+    A stage boundary can fall after any layer but the last, and the receiving rank allocates
+    boundary_shape, so a mismatch here would corrupt or hang a pipeline run.
+    """
+    expected = tuple(spec.boundary_shape(config, batch))
+    n = spec.num_layers(config)
+    x = torch.zeros(batch, config.seq_len, dtype=torch.long, device="meta")
+    with torch.device("meta"), torch.no_grad():
+        for index in range(n):
+            x = spec.build_layer(config, index)(x)
+            if index < n - 1 and tuple(x.shape) != expected:
+                raise ValueError(
+                    f"model.arch={spec.name!r}: layer {index} outputs shape {tuple(x.shape)} but "
+                    f"the family's boundary_shape is {expected}; a pipeline stage may end after "
+                    "any layer, so every layer but the last must output boundary_shape (fix the "
+                    "family's layers or its boundary_shape)"
+                )
+
+
+def config_keys(spec: ModelSpec) -> list[str]:
+    """The [model] keys of a family."""
+    return [f.name for f in dataclasses.fields(spec.config_class)]
