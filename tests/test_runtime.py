@@ -1,18 +1,23 @@
 """The runtime on one process: local stage hand-off, recomputation, failure reports."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from hpcpipe import data
 from hpcpipe.config import build_config
-from hpcpipe.models.gpt2.model import GPTConfig, Stage, loss_fn
-from hpcpipe.parallel.tied import sum_tied_grads, tied_copies
-from hpcpipe.pipeline.partition import plan
+from hpcpipe.models.api import build_stage, layer_costs
+from hpcpipe.models.gpt2 import SPEC, GPT2Config
+from hpcpipe.models.gpt2.model import loss_fn
+from hpcpipe.parallel import tied
+from hpcpipe.parallel.grid import Topology
+from hpcpipe.pipeline.partition import partition_layers
 from hpcpipe.pipeline.runtime import ActionError, PipelineRuntime
 from hpcpipe.pipeline.schedule import build_schedule
 from hpcpipe.train.serial import SerialTrainer
 
-TINY = GPTConfig(n_layers=2, d_model=16, n_heads=2, seq_len=8)
+TINY = GPT2Config(n_layers=2, d_model=16, n_heads=2, seq_len=8)
 SEED = 3
 
 
@@ -25,8 +30,10 @@ def microbatches(M: int):
 
 def local_runtime(V: int, M: int, recompute=False, fail_at=None) -> PipelineRuntime:
     """V chunks of the model on one rank (K = 1): stages hand tensors over without MPI."""
-    partition = plan(TINY, V)
-    stages = {s: Stage(TINY, partition.layers(s), SEED).to(torch.float64) for s in range(V)}
+    partition = partition_layers(layer_costs(SPEC, TINY), V)
+    stages = {
+        s: build_stage(SPEC, TINY, partition.layers(s), SEED).to(torch.float64) for s in range(V)
+    }
     return PipelineRuntime(
         stages=stages,
         actions=build_schedule("gpipe", 1, M, V)[0],
@@ -62,7 +69,14 @@ def test_local_chunks_equal_serial(V, recompute):
     runtime = local_runtime(V, M, recompute)
     result = runtime.step(mbs)
     # Separate local copies of the tied embedding (V > 1): their gradients are summed.
-    sum_tied_grads(tied_copies(runtime.stages, TINY.num_layers), comm=None)
+    partition = partition_layers(layer_costs(SPEC, TINY), V)
+    one_rank = SimpleNamespace(topology=Topology.parse(dp=1, pp=1, tp=1))  # split_pp unused
+    (group,) = tied.build_groups(
+        SPEC.tie_groups(TINY), runtime.stages, partition.stage_of_layer, one_rank
+    )
+    assert group.comm is None  # one rank holds every copy: summed locally
+    assert len(group.copies) == (1 if V == 1 else 2)  # one shared Parameter, or two copies
+    assert tied.sum_tied_grads(group) == 0.0  # no waiting without a communicator
     ref_loss, ref_grads = serial_grads(tokens, M)
     assert result.loss == pytest.approx(ref_loss, rel=1e-12)
     for stage in runtime.stages.values():

@@ -80,7 +80,7 @@ def revoked_self():
 
 def test_another_mpi_error_counts_as_a_failure_only_if_a_communicator_knows_of_one():
     """libnbc may report a revoke mid-collective as MPI_ERR_OTHER: ask the communicators."""
-    from hpcpipe.train.trainer import _mpi_failure
+    from hpcpipe.train.recovery import _mpi_failure
 
     other = MPI.Exception(MPI.ERR_OTHER)
     assert not _mpi_failure(other, [MPI.COMM_WORLD])  # nothing failed: a real error, raise it

@@ -103,7 +103,15 @@ def run_verify(args) -> int:
 
 
 def run_export(args) -> int:
-    """Assemble the full model parameters (not optim.*) into one state dict file."""
+    """Assemble the full model parameters (not optim.*) into one state dict file.
+
+    --format hf writes a Hugging Face folder instead (config.json + model.safetensors) that
+    transformers' AutoModelForCausalLM.from_pretrained loads.
+    """
+    if args.format == "hf":
+        return _export_hf(args)
+    if args.dtype:
+        return _err("--dtype applies to --format hf only")
     if args.format == "safetensors" and importlib.util.find_spec("safetensors") is None:
         return _err(
             "--format safetensors needs the safetensors package (pip install safetensors); "
@@ -125,6 +133,21 @@ def run_export(args) -> int:
     return 0
 
 
+def _export_hf(args) -> int:
+    """`export --format hf`: the checkpoint as a Hugging Face model folder."""
+    from hpcpipe.checkpoint import hf
+
+    if importlib.util.find_spec("safetensors") is None:
+        return _err("--format hf needs the safetensors package (pip install safetensors)")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        manifest, count = hf.export(args.path, args.out, dtype=dtype)
+    except ck.CheckpointError as exc:  # HFError too
+        return _err(str(exc))
+    print(f"wrote {count} tensors of step {manifest['step']} to {args.out} (Hugging Face folder)")
+    return 0
+
+
 def add_ckpt_parser(subparsers) -> None:
     """Register `ckpt` with its ls / inspect / verify / export subcommands."""
     p = subparsers.add_parser("ckpt", help="list, inspect, verify and export checkpoints")
@@ -138,8 +161,21 @@ def add_ckpt_parser(subparsers) -> None:
     verify = sub.add_parser("verify", help="check every file, dataset and checksum (exit 1 if bad)")
     verify.add_argument("path", help="a step directory, or a run root (follows latest)")
     verify.set_defaults(func=run_verify)
-    export = sub.add_parser("export", help="full model parameters as one state dict")
+    export = sub.add_parser(
+        "export",
+        help="full model parameters as one state dict, or a Hugging Face folder (--format hf)",
+    )
     export.add_argument("path", help="a step directory, or a run root (follows latest)")
-    export.add_argument("--out", required=True, help="output file, e.g. model.pt")
-    export.add_argument("--format", choices=["torch", "safetensors"], default="torch")
+    export.add_argument(
+        "--out",
+        required=True,
+        help="output file, e.g. model.pt; with --format hf a folder (config.json, "
+        "model.safetensors) for transformers' from_pretrained",
+    )
+    export.add_argument("--format", choices=["torch", "safetensors", "hf"], default="torch")
+    export.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "float64"],
+        help="--format hf: cast the weights (default: the dtype they were saved in)",
+    )
     export.set_defaults(func=run_export)

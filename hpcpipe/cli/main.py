@@ -38,6 +38,14 @@ def _train_parser(sub) -> None:
         help="continue from a checkpoint: `auto` = the newest valid one in checkpoint.dir "
         "(falls back past damaged ones with a warning), or a step folder / run folder",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="PATH",
+        help="start at step 0 (fresh optimizer and data order) from the weights of an hpcpipe "
+        "checkpoint (step or run folder) or a Hugging Face folder (config.json + safetensors), "
+        "on any layout; the [model] section comes from PATH (keys you set must agree; "
+        "model.seq_len may be shorter). A checkpoint --resume finds wins over it",
+    )
     for flag, dotted in cfg.SHORT_FLAGS.items():
         p.add_argument(f"--{flag}", dest=f"short_{flag}", metavar="VALUE", help=f"= --{dotted}")
     p.set_defaults(func=run_train)
@@ -136,7 +144,12 @@ def run_train(args) -> int:
             value = getattr(args, f"short_{flag}")
             if value is not None:
                 overrides[dotted] = value
-        config = cfg.load_config(args.config, overrides)
+        if args.init_from:
+            from hpcpipe.train import init_from
+
+            config = init_from.load_config(args.config, overrides, args.init_from)
+        else:
+            config = cfg.load_config(args.config, overrides)
         from hpcpipe.train.elastic import replan
         from hpcpipe.train.fault import injection_from_env
         from hpcpipe.train.trainer import make_blueprint
@@ -147,6 +160,8 @@ def run_train(args) -> int:
         make_blueprint(
             effective, e.dp * e.pp * e.tp if config.parallel.elastic else comm.Get_size()
         )
+        if args.init_from:
+            init_from.check_weights(config, args.init_from)  # names and shapes, from headers
     except ValueError as exc:  # ConfigError, and HPCPIPE_FAULT's ValueError
         # Every rank reaches the same verdict from the same inputs, so all exit without waiting.
         _report(f"hpcpipe: configuration error (rank {rank}): {exc}")
@@ -154,7 +169,14 @@ def run_train(args) -> int:
     from hpcpipe.train.fault import EXIT_REQUEUE, Stopped
 
     try:
-        train(config, comm, args.metrics, trace_path=args.trace, resume=args.resume)
+        train(
+            config,
+            comm,
+            args.metrics,
+            trace_path=args.trace,
+            resume=args.resume,
+            init_from=args.init_from,
+        )
     except Stopped:
         return EXIT_REQUEUE
     except BaseException as exc:  # noqa: BLE001 - any failure must bring the whole job down

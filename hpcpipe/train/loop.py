@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from hpcpipe import checkpoint
+from hpcpipe.checkpoint import store as checkpoint
 from hpcpipe.config import Config
 from hpcpipe.parallel.grid import Grid, Topology
 from hpcpipe.pipeline import trace as tracing
@@ -24,11 +24,15 @@ def train(
     echo=print,
     trace_path: str | None = None,
     resume: str | None = None,
+    init_from: str | None = None,
 ) -> list[dict]:
     """Train until config.train.steps; rank 0 prints and writes metrics.
 
     With trace_path, the last step is traced (every action's start and end on every rank).
     resume: None, "auto" (newest valid checkpoint in checkpoint.dir) or a checkpoint path.
+    init_from: an hpcpipe checkpoint or Hugging Face folder whose weights start the run (step
+    0) when resume finds no checkpoint; config.model must be the one it describes (see
+    hpcpipe.train.init_from.load_config).
     Raises fault.Stopped after checkpointing when a rank received SIGTERM or SIGUSR1.
     """
     config, active = recovery.elastic_layout(config, comm, echo)
@@ -38,7 +42,7 @@ def train(
     stop = fault.StopRequest().install()
     try:
         records = recovery.train_recovering(
-            train_on, active, config, metrics_path, echo, trace_path, resume, stop
+            train_on, active, config, metrics_path, echo, trace_path, resume, stop, init_from
         )
     finally:
         stop.restore()
@@ -91,8 +95,10 @@ def resume_point(config: Config, comm, resume: str | None, echo) -> str | None:
     return found
 
 
-def train_on(comm, config, metrics_path, echo, trace_path, resume, stop, holder=None):
-    """Build this rank's trainer on `comm`, resume if asked, and run the step loop.
+def train_on(
+    comm, config, metrics_path, echo, trace_path, resume, stop, holder=None, init_from=None
+):
+    """Build this rank's trainer on `comm`, resume (or init from weights) if asked, and run.
 
     holder["grid"] is set so a failure handler can revoke the communicators in use.
     """
@@ -115,6 +121,11 @@ def train_on(comm, config, metrics_path, echo, trace_path, resume, stop, holder=
         since = holder.pop("failed_at", None) if holder else None
         took = f" ({time.perf_counter() - since:.2f} s after the failure)" if since else ""
         say(f"hpcpipe: resumed from {start} at step {trainer.step_index}{moved}{took}")
+    elif init_from:
+        from hpcpipe.train.init_from import load_into
+
+        count = load_into(trainer, init_from)
+        say(f"hpcpipe: initialised from {init_from} ({count} tensors)")
     sink = open(metrics_path, "a" if start else "w") if leader and metrics_path else None  # noqa: SIM115
     try:
         records = step_loop(trainer, sink, say, trace_path)

@@ -11,7 +11,9 @@ from hpcpipe.config import TrainSection
 
 
 def lr_at(step: int, train: TrainSection) -> float:
-    """Linear warm-up to train.lr, then cosine decay to train.min_lr at the last step."""
+    """Linear warm-up reaching train.lr at step warmup_steps - 1, then cosine decay reaching
+    train.min_lr at step train.steps (the last step run, steps - 1, is one decay step short;
+    pinned against torch.optim.lr_scheduler in tests/test_optim_oracle.py)."""
     if train.warmup_steps > 0 and step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     span = max(1, train.steps - train.warmup_steps)

@@ -31,14 +31,16 @@ def _held_comms(comm, grid) -> list:
     return [comm] + (grid.all_comms if grid else [])
 
 
-def train_recovering(run, comm, config, metrics_path, echo, trace_path, resume, stop) -> list[dict]:
+def train_recovering(
+    run, comm, config, metrics_path, echo, trace_path, resume, stop, init_from=None
+) -> list[dict]:
     """run (train_on), and under ULFM: on a rank's death, shrink, re-plan, reload, carry on."""
     recoverable = ulfm.ulfm_available(comm)
     holder: dict = {}
     records: list[dict] = []
     while True:
         try:
-            args = (metrics_path, echo, trace_path, resume, stop, holder)
+            args = (metrics_path, echo, trace_path, resume, stop, holder, init_from)
             records += run(comm, config, *args)
             if holder.get("recovered"):
                 exit_without_finalize(comm)

@@ -8,6 +8,6 @@ if ! command -v shellcheck >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-ge
   (apt-get update -qq && apt-get install -y -qq --no-install-recommends shellcheck) >/dev/null 2>&1 \
     || echo "note: could not install shellcheck; its tests will be skipped"
 fi
-.venv/bin/ruff check hpcpipe tests benchmarks
-.venv/bin/ruff format --check hpcpipe tests benchmarks
+.venv/bin/ruff check hpcpipe tests benchmarks examples
+.venv/bin/ruff format --check hpcpipe tests benchmarks examples
 exec .venv/bin/python -m pytest -q tests "$@"

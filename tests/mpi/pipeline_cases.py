@@ -26,14 +26,21 @@ from hpcpipe.train.trainer import PipelineTrainer, make_blueprint
 
 STEPS = 3
 TINY = {"n_layers": 2, "d_model": 16, "n_heads": 2, "seq_len": 8, "vocab_size": 256}
+# [model] tables by arch; Llama with grouped-query attention (2 query heads per kv head)
+MODELS = {
+    "gpt2": TINY,
+    "llama": {"arch": "llama", "n_layers": 2, "d_model": 16, "n_heads": 4, "n_kv_heads": 2,
+              "ffn_hidden": 32, "seq_len": 8, "vocab_size": 256},
+}  # fmt: skip
 
 
 def case_config(case: dict):
     M, V = case["microbatches"], case["virtual"]
     dp, pp, tp = case["layout"]
+    model = MODELS[case["arch"]]
     return build_config(
         {
-            "model": {**TINY, "n_layers": max(TINY["n_layers"], pp * V),
+            "model": {**model, "n_layers": max(model["n_layers"], pp * V),
                       "tie_embeddings": case["tie"]},
             "train": {"global_batch": 2 * M * dp, "steps": STEPS, "dtype": case["dtype"],
                       "lr": 1e-2, "warmup_steps": 1, "grad_clip": 0.5, "seed": 7},

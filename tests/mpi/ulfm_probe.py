@@ -89,7 +89,7 @@ def main(out: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     latency, error_class = detect(grid, die_at)
     start = time.perf_counter()
-    revoke_all([grid.cart, *grid.comms.values(), grid.embedding_comm, world])
+    revoke_all([*grid.all_comms, world])
     new, failed = shrink(world, timeout=DEADLINE)
     agreed = agree(new, 1 if rank != 1 else 3, timeout=DEADLINE)
     grid.free()  # NOTE: freeing revoked communicators is allowed and local
