@@ -1,4 +1,7 @@
-"""Checkpoint at step 3 on pp=4, resume on other layouts: the run continues as if unbroken."""
+"""Checkpoint at step 3 on pp=4, resume on other layouts: the run continues as if unbroken.
+
+GPT-2 and Llama (grouped-query attention, tied and untied) alike.
+"""
 
 import json
 
@@ -18,9 +21,11 @@ def results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.parametrize("model", ["", "llama-", "llama-tied-"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_resumed_losses_equal_uninterrupted_float64(results, layout):
-    r = results[f"float64-{layout}"]
+def test_resumed_losses_equal_uninterrupted_float64(results, layout, model):
+    """GPT-2, and Llama (GQA) untied and tied: saved on pp=4, resumed on every other layout."""
+    r = results[f"{model}float64-{layout}"]
     assert len(r["resumed"]) == len(r["reference"]) == 3
     for got, want in zip(r["resumed"], r["reference"], strict=True):
         assert abs(got - want) <= 1e-10 * abs(want)

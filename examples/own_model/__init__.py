@@ -19,7 +19,6 @@ spec = ModelSpec(
     loss=loss,
     boundary_shape=boundary_shape,
     tie_groups=tie_groups,
-    cost_kinds=("params",),  # no layer_flops: parallel.balance = "params" only
 )
 
 __all__ = ["spec", "ParallelConfig"]

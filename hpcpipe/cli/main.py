@@ -6,24 +6,33 @@ import argparse
 import os
 import sys
 import traceback
+from dataclasses import fields
 from pathlib import Path
 
 from hpcpipe import config as cfg
 from hpcpipe import data
 from hpcpipe.cli.ckpt import add_ckpt_parser
+from hpcpipe.models import BUILTIN, get_spec
 
 
 def _train_parser(sub) -> None:
     from hpcpipe.pipeline.schedule import SCHEDULES
 
     keys = "\n".join(f"  --{k}=VALUE" for k in cfg.all_keys())
+    families = "\n".join(
+        f"  model.arch={arch}: " + " ".join(k.split(".")[1] for k in cfg.all_keys(arch)[:n])
+        for arch in BUILTIN
+        for n in [len(fields(get_spec(arch).config_class))]
+    )
     short = "\n".join(f"  --{k:<13} same as --{v}" for k, v in cfg.SHORT_FLAGS.items())
     p = sub.add_parser(
         "train",
-        help="train a GPT with pipeline parallelism (run under mpiexec -n N)",
+        help="train a model with pipeline parallelism (run under mpiexec -n N)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a GPT across MPI ranks. Every config key can be overridden:\n"
-        f"{keys}\nShort forms:\n{short}\nSchedules (schedule.name): {', '.join(SCHEDULES)}",
+        description="Train a model across MPI ranks. Every config key can be overridden "
+        f"(the [model] keys are the default family's):\n{keys}\n"
+        f"[model] keys of each built-in family (or model.arch=package.module:spec):\n"
+        f"{families}\nShort forms:\n{short}\nSchedules (schedule.name): {', '.join(SCHEDULES)}",
     )
     p.add_argument("--config", help="TOML file with [model] [train] [parallel] [schedule] [data]")
     p.add_argument("--metrics", help="write one JSON object per step to this file (rank 0)")

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -73,7 +73,6 @@ class ModelSpec:
     layer_flops: Callable | None = None
     tensor_parallel: str = ""
     hf: str = ""
-    cost_kinds: tuple[str, ...] = field(default=("params", "flops"))
 
     def tp_plan(self) -> TensorParallelPlan | None:
         """The tensor-parallel plan, imported on first use."""

@@ -263,6 +263,16 @@ def vocab_loss(vocab_size: int, tp: TPContext):
     return vocab_parallel_loss(tp, start)
 
 
+def require_plan(spec):
+    """The family's tensor-parallel plan, or TensorParallelError when it has none."""
+    plan = spec.tp_plan()
+    if plan is None:
+        raise TensorParallelError(
+            f"model.arch={spec.name!r} has no tensor-parallel plan; use parallel.tp=1"
+        )
+    return plan
+
+
 def parallelize_stage(stage: nn.Module, spec, config, tp: TPContext) -> dict[str, tuple]:
     """Swap a stage's layers for tensor-parallel ones in place, by the family's plan.
 
@@ -270,11 +280,7 @@ def parallelize_stage(stage: nn.Module, spec, config, tp: TPContext) -> dict[str
     parameter; parameters not listed are replicated on every tp rank. `spec` is the family's
     ModelSpec (duck-typed: this module imports no model family).
     """
-    plan = spec.tp_plan()
-    if plan is None:
-        raise TensorParallelError(
-            f"model.arch={spec.name!r} has no tensor-parallel plan; use parallel.tp=1"
-        )
+    plan = require_plan(spec)
     plan.check(config, tp.size)
     specs = {}
     for index, layer in stage.layers.items():

@@ -16,7 +16,7 @@ from hpcpipe.parallel import tied
 from hpcpipe.parallel.data_parallel import GradReducer
 from hpcpipe.parallel.grid import Grid
 from hpcpipe.parallel.p2p import P2P, allreduce_
-from hpcpipe.parallel.tensor_parallel import TPContext, parallelize_stage
+from hpcpipe.parallel.tensor_parallel import TPContext, parallelize_stage, require_plan
 from hpcpipe.pipeline.partition import Partition, PartitionError, partition_layers
 from hpcpipe.pipeline.runtime import PipelineRuntime, StepResult
 from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Schedule, ScheduleError, build_schedule
@@ -75,10 +75,7 @@ def check_tensor_parallel(spec: ModelSpec, model, tp: int) -> None:
     """The family must have a tensor-parallel plan that splits this model tp ways."""
     if tp == 1:
         return
-    plan = spec.tp_plan()
-    if plan is None:
-        raise ValueError(f"model.arch={spec.name!r} has no tensor-parallel plan; use parallel.tp=1")
-    plan.check(model, tp)
+    require_plan(spec).check(model, tp)
 
 
 class PipelineTrainer:

@@ -21,15 +21,19 @@ from hpcpipe.train.trainer import PipelineTrainer, make_blueprint
 
 STEPS, SAVE_AT = 6, 3
 TINY = {"n_layers": 4, "d_model": 16, "n_heads": 2, "seq_len": 8}
+# Llama with grouped-query attention (2 key/value heads for 4 query heads): tp=2 splits groups.
+LLAMA = {"arch": "llama", "n_layers": 4, "d_model": 16, "n_heads": 4, "n_kv_heads": 2,
+         "ffn_hidden": 32, "seq_len": 8}  # fmt: skip
+MODELS = {"gpt2": TINY, "llama": LLAMA, "llama-tied": {**LLAMA, "tie_embeddings": True}}
 # (dp, pp, tp, schedule) to resume on; pp=3 splits the 6 layers unevenly by cost.
 LAYOUTS = [(1, 4, 1, "1f1b"), (1, 2, 1, "gpipe"), (1, 3, 1, "zb-h1"), (1, 1, 1, "1f1b"),
            (1, 2, 2, "1f1b"), (2, 2, 1, "interleaved"), (2, 1, 2, "gpipe")]  # fmt: skip
 
 
-def config(dp, pp, tp, schedule, dtype, ckpt_dir):
+def config(dp, pp, tp, schedule, dtype, ckpt_dir, model="gpt2"):
     return build_config(
         {
-            "model": TINY,
+            "model": MODELS[model],
             "train": {"global_batch": 8, "steps": STEPS, "dtype": dtype, "lr": 1e-2,
                       "warmup_steps": 1, "seed": 11},
             "parallel": {"dp": dp, "pp": pp, "tp": tp, "timeout": 60},
@@ -58,31 +62,36 @@ def params_of(trainer) -> dict:
     return {n: p.detach().clone() for n, p in trainer.named_params}
 
 
+RUNS = [("gpt2", "float64"), ("gpt2", "float32"), ("llama", "float64"), ("llama-tied", "float64")]
+
+
 def main():
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
     workdir, out = Path(sys.argv[1]), sys.argv[2]
     tokens = data.load_tokens(None, max_bytes=32 * 1024)
     results = {}
-    for dtype in ("float64", "float32"):
-        ckpt = workdir / f"run-{dtype}"
-        base = trainer_on(world, config(1, 4, 1, "1f1b", dtype, ckpt), tokens)
+    for model, dtype in RUNS:
+        ckpt = workdir / f"run-{model}-{dtype}"
+        base = trainer_on(world, config(1, 4, 1, "1f1b", dtype, ckpt, model), tokens)
         reference = run(base, STEPS)
         final = params_of(base)
-        first = trainer_on(world, config(1, 4, 1, "1f1b", dtype, ckpt), tokens)
+        first = trainer_on(world, config(1, 4, 1, "1f1b", dtype, ckpt, model), tokens)
         run(first, SAVE_AT)
         train_state.save(first, ckpt)
         for dp, pp, tp, schedule in LAYOUTS if dtype == "float64" else LAYOUTS[:1]:
             size = dp * pp * tp
             sub = world.Split(0 if world.Get_rank() < size else MPI.UNDEFINED, world.Get_rank())
             if sub != MPI.COMM_NULL:
-                trainer = trainer_on(sub, config(dp, pp, tp, schedule, dtype, ckpt), tokens)
+                cfg = config(dp, pp, tp, schedule, dtype, ckpt, model)
+                trainer = trainer_on(sub, cfg, tokens)
                 train_state.restore(trainer, ckpt)
                 resumed = run(trainer, STEPS)
                 same_params = dtype == "float32" and all(
                     torch.equal(p, final[n]) for n, p in params_of(trainer).items()
                 )
-                key = f"{dtype}-dp{dp}pp{pp}tp{tp}-{schedule}"
+                prefix = "" if model == "gpt2" else f"{model}-"
+                key = f"{prefix}{dtype}-dp{dp}pp{pp}tp{tp}-{schedule}"
                 if sub.Get_rank() == 0:
                     results[key] = {"reference": reference[SAVE_AT:], "resumed": resumed,
                                     "bitwise_params": same_params}  # fmt: skip
