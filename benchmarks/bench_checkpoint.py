@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from hpcpipe.checkpoint.store import Shard, load_checkpoint, save_checkpoint, wait_for_pruning
+from hpcpipe.checkpoint.format import Shard
+from hpcpipe.checkpoint.store import load_checkpoint, save_checkpoint, wait_for_pruning
 
 
 def state_shapes(total_mb: int) -> dict[str, tuple[int, ...]]:

@@ -13,9 +13,10 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from hpcpipe.checkpoint import checksum
+from hpcpipe.checkpoint import checksum, manifest
+from hpcpipe.checkpoint import format as fmt
 from hpcpipe.checkpoint import store as ck
-from hpcpipe.checkpoint.store import CheckpointError, Shard
+from hpcpipe.checkpoint.format import CheckpointError, Shard
 from hpcpipe.cli.ckpt import add_ckpt_parser
 
 COMM = MPI.COMM_SELF
@@ -75,8 +76,8 @@ def save_two_positions(root, step: int, full: torch.Tensor, dim: int) -> None:
     for index, piece in enumerate(pieces):
         offsets = tuple(half * index if d == dim else 0 for d in range(full.dim()))
         shard = Shard("w", piece.contiguous(), tuple(full.shape), offsets)
-        records += ck.write_shard_file(tmp, f"pp{index}_tp0", [shard])
-    ck.write_json(tmp / ck.MANIFEST, ck.build_manifest({}, step, records))
+        records += fmt.write_shard_file(tmp, f"pp{index}_tp0", [shard])
+    manifest.write_json(tmp / ck.MANIFEST, manifest.build_manifest({}, step, records))
     os.replace(tmp, root / f"step_{step}")
 
 
@@ -135,12 +136,12 @@ def test_pieces_that_do_not_tile_are_refused():
     piece = {"dataset": "w", "shape": [2], "xxh3_64": "x"}
     half = [{**record, **piece, "offsets": [0]}]
     with pytest.raises(CheckpointError, match="hold 2 of the 4 elements"):
-        ck.build_manifest({}, 1, half)
+        manifest.build_manifest({}, 1, half)
     overlapping = [{**record, **piece, "offsets": [0]}, {**record, **piece, "offsets": [1]}]
     with pytest.raises(CheckpointError, match="overlap"):
-        ck.build_manifest({}, 1, overlapping)
+        manifest.build_manifest({}, 1, overlapping)
     copies = [{**record, **piece, "shape": [4], "offsets": [0]}] * 2  # a replicated tensor
-    assert len(ck.build_manifest({}, 1, copies)["tensors"]["w"]["pieces"]) == 2
+    assert len(manifest.build_manifest({}, 1, copies)["tensors"]["w"]["pieces"]) == 2
 
 
 def test_global_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
@@ -195,9 +196,9 @@ def test_checksums_are_xxh3_64_of_the_stored_bytes():
     assert checksum.compute("xxh3_64", empty) == "2d06800538d394c2"  # xxHash's test vector
     assert checksum.compute("sha256", empty).startswith("e3b0c442")
     x = np.arange(6, dtype="<f8")
-    assert ck.digest_of(x) == checksum.compute("xxh3_64", x)
-    assert ck.digest_of(x) != ck.digest_of(x[::-1].copy())  # order matters, unlike a sum
-    assert ck.digest_of(x.reshape(2, 3)) == ck.digest_of(x)  # bytes, not shape
+    assert fmt.digest_of(x) == checksum.compute("xxh3_64", x)
+    assert fmt.digest_of(x) != fmt.digest_of(x[::-1].copy())  # order matters, unlike a sum
+    assert fmt.digest_of(x.reshape(2, 3)) == fmt.digest_of(x)  # bytes, not shape
     with pytest.raises(ValueError, match="unknown checksum algorithm 'md4'"):
         checksum.compute("md4", x)
 
@@ -424,4 +425,4 @@ def test_manifest_records_each_piece(tmp_path):
     (piece,) = entry["pieces"]
     assert piece["file"] == "pp0_tp0.h5" and piece["offsets"] == [0, 0]
     assert piece["dataset"] == "optim.exp_avg%2Flayers.0.attn.qkv.weight"
-    assert manifest["format_version"] == ck.FORMAT_VERSION and manifest["files"] == ["pp0_tp0.h5"]
+    assert manifest["format_version"] == fmt.FORMAT_VERSION and manifest["files"] == ["pp0_tp0.h5"]

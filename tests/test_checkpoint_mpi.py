@@ -8,6 +8,7 @@ from mpi4py import MPI
 from mpirun import run_mpi
 
 from hpcpipe.checkpoint import store as ck
+from hpcpipe.checkpoint.format import Shard
 
 CASES = "tests/mpi/checkpoint_cases.py"
 CHECKS = [
@@ -57,7 +58,7 @@ def test_rank_killed_mid_save_leaves_the_previous_step(killed):
 
 def test_next_save_cleans_up_after_the_killed_one(killed):
     _, root = killed
-    shard = ck.Shard("w", torch.zeros(2), (2,), (0,))
+    shard = Shard("w", torch.zeros(2), (2,), (0,))
     ck.save_checkpoint(root, 2, MPI.COMM_SELF, [shard], True, "pp0_tp0", {})
     assert not (root / ".tmp_step_2").exists()
     assert ck.resolve(root).name == "step_2" and ck.verify(root) == []

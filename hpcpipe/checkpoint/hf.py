@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hpcpipe.checkpoint import store
-from hpcpipe.checkpoint.store import CheckpointError
+from hpcpipe.checkpoint.format import CheckpointError
 from hpcpipe.models import BUILTIN, DEFAULT_ARCH, UnknownModelError, get_spec
 
 CONFIG = "config.json"

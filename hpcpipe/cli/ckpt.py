@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from hpcpipe.checkpoint import store as ck
+from hpcpipe.checkpoint.format import RESERVED, CheckpointError
+from hpcpipe.checkpoint.manifest import read_manifest
 
 
 def _err(message: str) -> int:
@@ -64,8 +66,8 @@ def run_inspect(args) -> int:
     """Print step, layout, config summary and every tensor with its shape, dtype and files."""
     try:
         step_dir = ck.resolve(args.path)
-        manifest = ck.read_manifest(step_dir)
-    except ck.CheckpointError as exc:
+        manifest = read_manifest(step_dir)
+    except CheckpointError as exc:
         return _err(str(exc))
     print(f"checkpoint {step_dir}  step {manifest['step']}  format v{manifest['format_version']}")
     for key in ("layout", "config"):
@@ -76,7 +78,7 @@ def run_inspect(args) -> int:
                 print(f"  {k}: {_summary(v)}")
         elif value is not None:
             print(f"{key}: {_summary(value)}")
-    others = [k for k in manifest if k not in (*ck.RESERVED, "step", "layout", "config")]
+    others = [k for k in manifest if k not in (*RESERVED, "step", "layout", "config")]
     for key in others:
         print(f"{key}: {_summary(manifest[key])}")
     print(f"files: {', '.join(manifest['files'])}")
@@ -119,7 +121,7 @@ def run_export(args) -> int:
         )
     try:
         manifest, tensors = ck.full_tensors(args.path, keep=lambda n: not n.startswith("optim."))
-    except ck.CheckpointError as exc:
+    except CheckpointError as exc:
         return _err(str(exc))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +144,7 @@ def _export_hf(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         manifest, count = hf.export(args.path, args.out, dtype=dtype)
-    except ck.CheckpointError as exc:  # HFError too
+    except CheckpointError as exc:  # HFError too
         return _err(str(exc))
     print(f"wrote {count} tensors of step {manifest['step']} to {args.out} (Hugging Face folder)")
     return 0

@@ -1,0 +1,1 @@
+"""Schedules as data and what reads them: partition, schedule, simulate, draw, runtime."""

@@ -26,7 +26,8 @@ import torch
 
 from hpcpipe import config as cfg
 from hpcpipe.checkpoint import hf, store
-from hpcpipe.checkpoint.store import CheckpointError
+from hpcpipe.checkpoint.format import CheckpointError
+from hpcpipe.checkpoint.manifest import read_manifest
 from hpcpipe.config import Config, ConfigError
 from hpcpipe.models import DEFAULT_ARCH, get_spec
 
@@ -59,7 +60,7 @@ def source(path: str | Path, arch: str | None = None) -> Source:
         if hf.is_hf_folder(p):
             return _hf_source(p, arch)
         step_dir = store.resolve(p)
-        manifest = store.read_manifest(step_dir)
+        manifest = read_manifest(step_dir)
     except CheckpointError as exc:  # HFError too
         raise ConfigError(f"--init-from {path}: {exc}") from None
     model = dict((manifest.get("config") or {}).get("model") or {})
@@ -210,7 +211,7 @@ def check_weights(config: Config, path: str | Path) -> int:
 
 
 def _check_manifest(src: Source, wanted: dict) -> None:
-    tensors = store.read_manifest(src.path)["tensors"]
+    tensors = read_manifest(src.path)["tensors"]
     for name, shape in wanted.items():
         entry = tensors.get(name)
         if entry is None:

@@ -12,7 +12,8 @@ import base64
 import torch
 
 from hpcpipe import config as cfg
-from hpcpipe.checkpoint.store import Shard, load_checkpoint, save_checkpoint
+from hpcpipe.checkpoint.format import Shard
+from hpcpipe.checkpoint.store import load_checkpoint, save_checkpoint
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
+from hpcpipe.checkpoint import format as fmt
 from hpcpipe.checkpoint import store as ck
-from hpcpipe.checkpoint.store import CheckpointError, Shard
+from hpcpipe.checkpoint.format import CheckpointError, Shard
+from hpcpipe.checkpoint.manifest import read_manifest
 
 ROWS, COLS = 8, 6
 
@@ -128,7 +130,7 @@ def reshard(root: Path, out: Path) -> None:
         root, 1, comm, shards_4way(rank), True, f"pp{rank}_tp0", manifest, timeout=60
     )
     checks["committed_on_every_rank"] = all_true(comm, (step_dir / "manifest.json").is_file())
-    checks["four_files"] = sorted(ck.read_manifest(step_dir)["files"]) == [
+    checks["four_files"] = sorted(read_manifest(step_dir)["files"]) == [
         f"pp{r}_tp0.h5" for r in range(4)
     ]
     checks["load_other_split"] = all_true(comm, load_matches(root, rank))
@@ -144,7 +146,7 @@ def kill(root: Path) -> None:
     rank = comm.Get_rank()
     position = f"pp{rank}_tp0"
     ck.save_checkpoint(root, 1, comm, shards_4way(rank), True, position, {}, timeout=60)
-    write = ck._write_dataset
+    write = fmt._write_dataset
 
     def dying_write(f, shard, file_name):
         record = write(f, shard, file_name)
@@ -153,7 +155,7 @@ def kill(root: Path) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return record
 
-    ck._write_dataset = dying_write
+    fmt._write_dataset = dying_write
     shards = shards_4way(rank) + [Shard("extra", torch.ones(3), (3,), (0,))] * (rank == 2)
     ck.save_checkpoint(root, 2, comm, shards, True, position, {}, timeout=60)
     print(f"rank {rank}: step 2 was committed although rank 2 died", file=sys.stderr)
