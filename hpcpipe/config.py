@@ -205,20 +205,28 @@ def model_section(values: dict[str, Any]) -> ModelConfig:
     return _section("model", defaults, values, f" of model.arch={arch!r}")
 
 
-def load_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> Config:
-    """Read a TOML file (or defaults when None) and apply command-line overrides."""
-    tables: dict[str, Any] = {}
-    if path is not None:
-        try:
-            tables = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    parsed = {
+def read_tables(path: str | Path | None) -> dict[str, Any]:
+    """The tables of a TOML config file ({} when None)."""
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def parse_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Command-line `--section.key=value` strings read as TOML values where they parse."""
+    return {
         k: _parse_cli_value(v) if isinstance(v, str) else v for k, v in (overrides or {}).items()
     }
-    return build_config(tables, parsed)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> Config:
+    """Read a TOML file (or defaults when None) and apply command-line overrides."""
+    return build_config(read_tables(path), parse_overrides(overrides))
 
 
 def _require(ok: bool, message: str) -> None:

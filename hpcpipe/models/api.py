@@ -83,6 +83,22 @@ class ModelSpec:
         return resolve(self.hf) if self.hf else None
 
 
+def embedding_blocks_head(embedding: Callable, block: Callable, head: Callable) -> Callable:
+    """build_layer for the usual stack: layer 0 embedding, the last the head, blocks between.
+
+    Each argument is a layer class (or any callable) taking the family's config.
+    """
+
+    def build_layer(config, index: int):
+        if index == 0:
+            return embedding(config)
+        if index == config.num_layers - 1:
+            return head(config)
+        return block(config)
+
+    return build_layer
+
+
 def resolve(target: str):
     """The object named by 'package.module:attribute'."""
     module_name, _, attribute = target.partition(":")

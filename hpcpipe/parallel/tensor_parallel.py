@@ -263,6 +263,22 @@ def vocab_loss(vocab_size: int, tp: TPContext):
     return vocab_parallel_loss(tp, start)
 
 
+def shard_placement(tensor: torch.Tensor, spec) -> tuple[tuple, tuple, tuple]:
+    """(global shape, offsets, real local shape) of a local tensor with shard spec (or None).
+
+    The real local shape drops the vocabulary padding rows a rank may hold past the end.
+    """
+    shape = list(tensor.shape)
+    offsets = [0] * tensor.dim()
+    if spec is None:
+        return tuple(shape), tuple(offsets), tuple(shape)
+    dim, offset, size = spec
+    local = list(shape)
+    local[dim] = max(0, min(shape[dim], size - offset))
+    shape[dim], offsets[dim] = size, offset
+    return tuple(shape), tuple(offsets), tuple(local)
+
+
 def require_plan(spec):
     """The family's tensor-parallel plan, or TensorParallelError when it has none."""
     plan = spec.tp_plan()

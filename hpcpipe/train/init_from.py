@@ -17,7 +17,6 @@ group's first member, which is what both formats store.
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from hpcpipe.checkpoint.format import CheckpointError
 from hpcpipe.checkpoint.manifest import read_manifest
 from hpcpipe.config import Config, ConfigError
 from hpcpipe.models import DEFAULT_ARCH, get_spec
+from hpcpipe.parallel.tensor_parallel import shard_placement
 
 HPCPIPE, HF = "hpcpipe checkpoint", "Hugging Face folder"
 WHAT = (
@@ -160,19 +160,7 @@ def load_config(
     path: str | Path | None, overrides: dict[str, str] | None, init_from: str | Path
 ) -> Config:
     """cfg.load_config for a run started with --init-from (same files, same overrides)."""
-    tables: dict[str, Any] = {}
-    if path is not None:
-        try:
-            tables = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    parsed = {
-        k: cfg._parse_cli_value(v) if isinstance(v, str) else v
-        for k, v in (overrides or {}).items()
-    }
-    return build_config(tables, parsed, init_from)
+    return build_config(cfg.read_tables(path), cfg.parse_overrides(overrides), init_from)
 
 
 # ---------------------------------------------------------------- weights
@@ -243,19 +231,6 @@ def _check_hf(src: Source, model, wanted: dict) -> None:
                 )
 
 
-def _placement(param: torch.Tensor, spec) -> tuple[tuple, tuple, tuple]:
-    """(global shape, offsets, real local shape) of a local parameter; drops vocab padding."""
-    shape = list(param.shape)
-    offsets = [0] * param.dim()
-    if spec is None:
-        return tuple(shape), tuple(offsets), tuple(shape)
-    dim, offset, size = spec
-    local = list(shape)
-    local[dim] = max(0, min(shape[dim], size - offset))
-    shape[dim], offsets[dim] = size, offset
-    return tuple(shape), tuple(offsets), tuple(local)
-
-
 def _fill(param: torch.Tensor, value: torch.Tensor, local: tuple) -> None:
     """Copy `value` (the real local slice) into param (cast, moved); padding rows zero."""
     with torch.no_grad():
@@ -278,7 +253,7 @@ def load_weights(named_params, canonical: dict, tp_specs: dict, model, path) -> 
     places = []
     for name, p in named_params:
         stored = canonical.get(name, name)
-        places.append((p, stored, *_placement(p, tp_specs.get(name))))
+        places.append((p, stored, *shard_placement(p, tp_specs.get(name))))
     try:
         if src.kind == HPCPIPE:
             wanted = list({(s, g, o, loc) for _, s, g, o, loc in places})

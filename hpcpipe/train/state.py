@@ -14,6 +14,7 @@ import torch
 from hpcpipe import config as cfg
 from hpcpipe.checkpoint.format import Shard
 from hpcpipe.checkpoint.store import load_checkpoint, save_checkpoint
+from hpcpipe.parallel.tensor_parallel import shard_placement
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -25,16 +26,7 @@ def canonical_name(trainer, name: str) -> str:
 
 def _placement(trainer, name: str, tensor: torch.Tensor):
     """(global shape, offsets, real local shape) of a local tensor; drops vocabulary padding."""
-    spec = trainer.tp_specs.get(name)
-    shape = list(tensor.shape)
-    offsets = [0] * tensor.dim()
-    if spec is None:
-        return tuple(shape), tuple(offsets), tuple(shape)
-    dim, offset, size = spec
-    local = list(shape)
-    local[dim] = max(0, min(shape[dim], size - offset))
-    shape[dim], offsets[dim] = size, offset
-    return tuple(shape), tuple(offsets), tuple(local)
+    return shard_placement(tensor, trainer.tp_specs.get(name))
 
 
 def _trim(tensor: torch.Tensor, local_shape) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcpipe.models.api import ModelConfig
+from hpcpipe.models.api import ModelConfig, embedding_blocks_head
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
@@ -163,13 +163,7 @@ class Head(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def build_layer(config: GPT2Config, index: int) -> nn.Module:
-    """Layer `index`: embedding, block or head."""
-    if index == 0:
-        return Embedding(config)
-    if index == config.num_layers - 1:
-        return Head(config)
-    return Block(config)
+build_layer = embedding_blocks_head(Embedding, Block, Head)
 
 
 def init_layer(layer: nn.Module, config: GPT2Config, index: int, gen: torch.Generator) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcpipe.models.api import ModelConfig
+from hpcpipe.models.api import ModelConfig, embedding_blocks_head
 
 HALF_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -240,13 +240,7 @@ class Head(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def build_layer(config: LlamaConfig, index: int) -> nn.Module:
-    """Layer `index`: embedding, block or head."""
-    if index == 0:
-        return Embedding(config)
-    if index == config.num_layers - 1:
-        return Head(config)
-    return Block(config)
+build_layer = embedding_blocks_head(Embedding, Block, Head)
 
 
 def init_layer(layer: nn.Module, config: LlamaConfig, index: int, gen: torch.Generator) -> None:
