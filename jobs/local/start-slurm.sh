@@ -97,7 +97,9 @@ fi
 chown munge:munge "$dir/munge/munge.key"
 chmod 0400 "$dir/munge/munge.key"
 
-cpus=$(nproc)
+# NOTE: nproc obeys OMP_NUM_THREADS (mpirun.sh and hpcpipe set it to 1): a node of 1 CPU
+# would leave every 2-task job pending forever. Count the CPUs this process may run on.
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 user=$(id -un)
 cat >"$conf" <<EOF
 # One-node SLURM on localhost for hpcpipe (written by jobs/local/start-slurm.sh).
