@@ -1,5 +1,7 @@
 """Config: TOML + overrides -> frozen dataclasses, with errors that say how to fix them."""
 
+from pathlib import Path
+
 import pytest
 
 from hpcpipe.cli.main import split_overrides
@@ -78,3 +80,17 @@ def test_every_issue_key_exists():
         "schedule.name", "schedule.microbatches", "schedule.recompute",
     ]:  # fmt: skip
         assert key in keys
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_builds_its_run(path):
+    """Each config in jobs/configs parses and yields a partition and schedule for its layout."""
+    from hpcpipe.train.trainer import make_blueprint
+
+    config = load_config(path)
+    p = config.parallel
+    blueprint = make_blueprint(config, p.dp * p.pp * p.tp)
+    assert blueprint.partition.num_stages == p.pp * config.schedule.virtual
