@@ -300,3 +300,19 @@ def test_tensor_parallel_without_a_plan():
     with pytest.raises(ConfigError) as info:
         make_blueprint(config, 2)
     assert str(info.value) == f"model.arch='{ARCH}' has no tensor-parallel plan; use parallel.tp=1"
+
+
+def test_engine_packages_import_no_model_family():
+    """pipeline/, parallel/ and checkpoint/ see a family only through the ModelSpec API."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "hpcpipe"
+    family = re.compile(r"^\s*(from|import)\s+(hpcpipe\.models\.(gpt2|llama)|examples)\b", re.M)
+    offenders = [
+        str(path.relative_to(root))
+        for package in ("pipeline", "parallel", "checkpoint")
+        for path in sorted((root / package).rglob("*.py"))
+        if family.search(path.read_text())
+    ]
+    assert offenders == []
