@@ -28,6 +28,8 @@ from hpcpipe.checkpoint import hf, store  # noqa: E402
 from hpcpipe.cli.main import main as cli_main  # noqa: E402
 from hpcpipe.config import ConfigError, build_config  # noqa: E402
 from hpcpipe.models import get_spec  # noqa: E402
+from hpcpipe.models.api import build_model  # noqa: E402
+from hpcpipe.models.llama.model import inv_frequencies  # noqa: E402
 from hpcpipe.parallel.grid import Grid, Topology  # noqa: E402
 from hpcpipe.train import init_from  # noqa: E402
 from hpcpipe.train import state as train_state  # noqa: E402
@@ -35,6 +37,10 @@ from hpcpipe.train.trainer import PipelineTrainer, make_blueprint  # noqa: E402
 
 VOCAB = 61
 SERIAL = {"train.dtype": "float64", "train.global_batch": 2, "schedule.microbatches": 1}
+# Llama 3.1's rope scaling for the tiny head size 8 (theta 500: wavelengths 6.3, 30, 140, 664):
+# one kept (< 32 / 4), one interpolated, two divided by the factor (> 32 / 1)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # fmt: skip
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -124,11 +130,25 @@ def tokens_for(seq_len: int, batch: int = 3, seed: int = 5) -> torch.Tensor:
     )
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def assert_llama3_scaled(m, hf_model=None) -> None:
+    """m has LLAMA3's rope scaling, which changes some of its frequencies (and HF's agree)."""
+    assert (m.rope_scaling, m.rope_factor, m.rope_original_max_positions) == ("llama3", 4.0, 32)
+    scaled = inv_frequencies(m.head_dim, m.rope_theta, llama3=m.llama3_rope)
+    plain = inv_frequencies(m.head_dim, m.rope_theta)
+    assert (scaled != plain).sum().item() == 3
+    if hf_model is not None:
+        assert torch.equal(hf_model.model.rotary_emb.inv_freq.float(), scaled)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama3"])
 def test_init_from_hf_gives_the_loss_transformers_computes(tmp_path, family, float64_rmsnorm):
     folder = tmp_path / family
-    make = hf_gpt2 if family == "gpt2" else hf_llama
-    model = make(folder)  # gpt2: tied, gelu_new; llama: untied, GQA
+    if family == "gpt2":
+        model = hf_gpt2(folder)  # tied, gelu_new
+    elif family == "llama":
+        model = hf_llama(folder)  # untied, GQA
+    else:  # Llama 3.1's rope scaling
+        model = hf_llama(folder, max_position_embeddings=64, rope_parameters=LLAMA3)
     seq_len = 16  # shorter than the 32 positions of the HF model
     config = init_from.build_config({}, {**SERIAL, "model.seq_len": seq_len}, folder)
     m = config.model
@@ -136,6 +156,10 @@ def test_init_from_hf_gives_the_loss_transformers_computes(tmp_path, family, flo
         assert (m.activation, m.tie_embeddings, m.max_positions) == ("gelu_tanh", True, 32)
     else:
         assert (m.n_heads, m.n_kv_heads, m.tie_embeddings, m.rope_theta) == (4, 2, False, 500.0)
+        if family == "llama3":
+            assert_llama3_scaled(m, model)
+        else:
+            assert m.rope_scaling == ""
     assert init_from.check_weights(config, folder) == len(init_from.expected_tensors(m))
     trainer = one_rank_trainer(config)
     count = init_from.load_into(trainer, folder)
@@ -144,7 +168,7 @@ def test_init_from_hf_gives_the_loss_transformers_computes(tmp_path, family, flo
     want_loss, want_logits = hf_reference(model, tokens, seq_len)
     with torch.no_grad():
         logits = trainer.stages[0](tokens[:, :seq_len])
-        loss = get_spec(family).loss(logits, tokens[:, 1:]).item()
+        loss = get_spec(m.arch).loss(logits, tokens[:, 1:]).item()
     assert logits.dtype == torch.float64
     print(f"{family}: loss rel {abs(loss - want_loss) / want_loss:.2e}, logits rel "
           f"{rel(logits, want_logits):.2e}")  # fmt: skip
@@ -249,6 +273,37 @@ def test_export_sharded_then_init_from_it_gives_the_same_weights(tmp_path, capsy
     assert "layers.0.tok.weight" in torch.load(tmp_path / "m.pt")
 
 
+@pytest.mark.parametrize("rope", ["plain", "llama3"])
+def test_exported_llama_gives_hpcpipe_logits_in_transformers(tmp_path, rope, float64_rmsnorm):
+    model = {"arch": "llama", "n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2,
+             "ffn_hidden": 48, "seq_len": 8, "max_positions": 64, "rope_theta": 500.0}  # fmt: skip
+    if rope == "llama3":
+        model.update(rope_scaling="llama3", rope_factor=4.0, rope_low_freq_factor=1.0,
+                     rope_high_freq_factor=4.0, rope_original_max_positions=32)  # fmt: skip
+    step_dir = save_hpcpipe_checkpoint(tmp_path / "run", model)
+    out = tmp_path / "hf"
+    hf.export(step_dir, out)
+    rope_parameters = json.loads((out / hf.CONFIG).read_text())["rope_parameters"]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).double().eval()
+    assert hf_model.config.rope_parameters == rope_parameters
+    config = init_from.build_config({}, {"train.dtype": "float64"}, step_dir).model
+    if rope == "llama3":
+        assert rope_parameters == LLAMA3
+        assert_llama3_scaled(config, hf_model)
+        # and back: --init-from the exported folder gives the same [model] keys
+        assert init_from.build_config({}, {**SERIAL, "model.seq_len": 8}, out).model == config
+    else:
+        assert rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
+    ours = build_model(get_spec("llama"), config, dtype=torch.float64)
+    assert init_from.load_into_model(ours, config, step_dir) == 21
+    tokens = torch.randint(0, 256, (3, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ours(tokens)
+        got = hf_model(input_ids=tokens).logits
+    print(f"{rope}: logits rel {rel(got, want):.2e}")
+    assert rel(got, want) <= 1e-9
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -287,6 +342,28 @@ def test_a_user_key_must_agree_with_the_folder(folders):
         init_from.build_config({}, {"model.seq_len": 64}, folders / "llama")
 
 
+def test_hub_llama31_rope_scaling_maps_to_the_model_keys():
+    """Llama 3.1's config.json on the hub: rope_scaling beside a top-level rope_theta."""
+    conv = hf.converter_for("llama")
+    hub = {"hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 131072,
+           "rope_theta": 500000.0, "rope_scaling": {
+               "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}  # fmt: skip
+    keys = conv.config_from_hf(hub)
+    want = {"rope_theta": 500000.0, "rope_scaling": "llama3", "rope_factor": 8.0,
+            "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0,
+            "rope_original_max_positions": 8192}  # fmt: skip
+    assert {k: keys[k] for k in want} == want
+    model = build_config({"model": {**keys, "seq_len": 16}}).model
+    assert conv.config_to_hf(model)["rope_parameters"] == {
+        "rope_type": "llama3", **{k: v for k, v in hub["rope_scaling"].items() if k != "rope_type"},
+        "rope_theta": 500000.0,
+    }  # fmt: skip
+    assert conv.config_from_hf(conv.config_to_hf(model)) == {**keys, "seq_len": 131072}
+    plain = conv.config_from_hf({**hub, "rope_scaling": None})
+    assert plain["rope_scaling"] == "" and "rope_factor" not in plain
+
+
 def test_equivalent_spelling_agrees(tmp_path):
     hf_llama(tmp_path / "mha", num_key_value_heads=4)
     config = init_from.build_config({}, {"model.n_kv_heads": 0}, tmp_path / "mha")
@@ -302,7 +379,27 @@ def test_equivalent_spelling_agrees(tmp_path):
         ("gpt2", {"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon=1e-06"),
         ("gpt2", {"activation_function": "relu"}, "activation_function='relu'"),
         ("gpt2", {"n_inner": 40}, "n_inner=40 is not a multiple of n_embd=32"),
-        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling="),
+        (
+            "llama",
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            "rope_scaling=",  # (tests/test_hf_mpi.py's bad_rope)
+        ),
+        (
+            "llama",
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            "rope_type 'llama3' needs low_freq_factor, high_freq_factor",
+        ),
+        (
+            "llama",
+            {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+            "rope_scaling.rope_type='linear'",
+        ),
+        ("llama", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'"),
+        (
+            "llama",
+            {"rope_parameters": {**LLAMA3, "partial_rotary_factor": 0.5}},
+            "rope_parameters has partial_rotary_factor",
+        ),
         (
             "llama",
             {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},

@@ -17,7 +17,13 @@ from hpcpipe.models.api import (
     layer_costs,
 )
 from hpcpipe.models.llama import SPEC, LlamaConfig
-from hpcpipe.models.llama.model import Attention, RMSNorm, apply_rotary, rotary
+from hpcpipe.models.llama.model import (
+    Attention,
+    RMSNorm,
+    apply_rotary,
+    inv_frequencies,
+    rotary,
+)
 
 torch.set_num_threads(1)
 
@@ -54,6 +60,10 @@ def hidden(config=CFG, batch=2, seed=0):
         ({"init_std": -0.1}, "model.init_std must be a finite number > 0"),
         ({"ffn_dim_multiplier": -1.0}, "model.ffn_dim_multiplier must be a finite number >= 0"),
         ({"max_positions": 4}, "model.max_positions=4 is below model.seq_len=12"),
+        ({"rope_scaling": "yarn"}, "model.rope_scaling must be one of '', 'llama3'"),
+        ({"rope_factor": 0.0}, "model.rope_factor must be a finite number > 0"),
+        ({"rope_high_freq_factor": 1.0}, "model.rope_high_freq_factor=1.0 must be above"),
+        ({"rope_original_max_positions": 0}, "model.rope_original_max_positions must be a pos"),
     ],
 )
 def test_config_rejects(changes, match):
@@ -189,6 +199,41 @@ def test_rotary_as_hugging_face():
     half = hd // 2
     expected_first = x[..., :half] * cos[:, :half] - x[..., half:] * sin[:, :half]
     torch.testing.assert_close(rotated[..., :half], expected_first.expand_as(rotated[..., :half]))
+
+
+@pytest.mark.parametrize(
+    "head_dim, theta, factor, low, high, original",
+    [
+        (128, 500000.0, 8.0, 1.0, 4.0, 8192),  # Llama 3.1 8B/70B
+        (64, 500000.0, 32.0, 1.0, 4.0, 8192),  # Llama 3.2 1B
+        (8, 500.0, 4.0, 1.0, 4.0, 32),  # test_hf's tiny model
+        (16, 10000.0, 2.5, 0.5, 3.0, 100),
+    ],
+)
+def test_llama3_inv_freq_as_transformers(head_dim, theta, factor, low, high, original):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": original}  # fmt: skip
+    hf_config = transformers.LlamaConfig(
+        hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=2 * original,
+        rope_parameters=rope,
+    )  # fmt: skip
+    want, attention_scaling = ROPE_INIT_FUNCTIONS["llama3"](hf_config)
+    config = LlamaConfig(
+        n_layers=1, d_model=head_dim * 2, n_heads=2, rope_theta=theta, rope_scaling="llama3",
+        rope_factor=factor, rope_low_freq_factor=low, rope_high_freq_factor=high,
+        rope_original_max_positions=original,
+    )  # fmt: skip
+    got = inv_frequencies(head_dim, theta, llama3=config.llama3_rope)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert attention_scaling == 1.0  # cos and sin are not rescaled for llama3
+    plain = inv_frequencies(head_dim, theta)
+    assert not torch.equal(got, plain) and torch.equal(got[0], plain[0])  # highest kept
+    cos, sin = rotary(5, head_dim, theta, torch.zeros((), dtype=torch.float64), config.llama3_rope)
+    angles = torch.outer(torch.arange(5).float(), want).repeat(1, 2)
+    assert torch.equal(cos, angles.cos().double()) and torch.equal(sin, angles.sin().double())
 
 
 def test_no_buffers():

@@ -28,28 +28,62 @@ _BLOCK = {
 }
 
 
-def _rope_theta(c: dict) -> float:
-    """rope_theta, from transformers 5's rope_parameters or the older top-level keys."""
-    scaling = c.get("rope_scaling")
-    if scaling and (scaling.get("rope_type") or scaling.get("type")) != "default":
+# HF's rope parameters of rope_type "llama3" (Llama 3.1/3.2) -> hpcpipe's [model] keys
+LLAMA3_ROPE = {
+    "factor": "rope_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_max_positions",
+}
+
+
+def _rope_keys(c: dict, name: str) -> dict:
+    """[model] keys of one of HF's rope dicts (rope_scaling or rope_parameters); {} = plain."""
+    params = c.get(name) or {}
+    kind = params.get("rope_type") or params.get("type") or "default"
+    allowed = {"rope_type", "type", "rope_theta"}
+    if kind == "default":
+        keys = {}
+    elif kind == "llama3":
+        # as transformers' standardize_rope_params: a top-level original_max_position_embeddings
+        # wins, and max_position_embeddings stands in for a missing one
+        params = {"original_max_position_embeddings": c.get("max_position_embeddings"), **params}
+        if "original_max_position_embeddings" in c:
+            params["original_max_position_embeddings"] = c["original_max_position_embeddings"]
+        missing = [k for k in LLAMA3_ROPE if params.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"{name}={json.dumps(c[name])}: rope_type 'llama3' needs {', '.join(missing)}"
+            )
+        allowed |= set(LLAMA3_ROPE)
+        keys = {"rope_scaling": "llama3", **{ours: params[k] for k, ours in LLAMA3_ROPE.items()}}
+    else:
         raise ValueError(
-            f"rope_scaling={json.dumps(scaling)}: hpcpipe's Llama has plain rotary positions "
-            "(no RoPE scaling: Llama 3.1+ 'llama3', linear, dynamic, yarn, ...)"
+            f"{name}.rope_type={kind!r} ({name}={json.dumps(params)}): hpcpipe's Llama supports "
+            "plain rotary positions and Llama 3.1's rope_type 'llama3' only (not linear, "
+            "dynamic, yarn, longrope, ...)"
         )
-    params = c.get("rope_parameters") or {}
-    kind = params.get("rope_type", "default")
-    if kind != "default":
-        raise ValueError(
-            f"rope_parameters.rope_type={kind!r}: hpcpipe's Llama has plain rotary positions "
-            "(rope_type 'default' only)"
-        )
-    extra = sorted(set(params) - {"rope_type", "rope_theta"})
+    extra = sorted(set(params) - allowed)
     if extra:
         raise ValueError(
-            f"rope_parameters has {', '.join(extra)}: hpcpipe's Llama has plain rotary "
-            "positions (only rope_type 'default' and rope_theta)"
+            f"{name} has {', '.join(extra)}: hpcpipe's Llama reads only rope_type, rope_theta "
+            f"and, for rope_type 'llama3', {', '.join(LLAMA3_ROPE)}"
         )
-    return params.get("rope_theta", c.get("rope_theta", 10000.0))
+    return keys
+
+
+def _rope(c: dict) -> dict:
+    """rope_theta and the rope scaling [model] keys, from transformers 5's rope_parameters or
+    the older top-level rope_theta and rope_scaling (Llama 3.1's config.json on the hub)."""
+    old, new = _rope_keys(c, "rope_scaling"), _rope_keys(c, "rope_parameters")
+    if old and new and old != new:
+        raise ValueError(
+            f"rope_scaling={json.dumps(c['rope_scaling'])} and rope_parameters="
+            f"{json.dumps(c['rope_parameters'])} disagree"
+        )
+    theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0))
+    # rope_scaling always recorded, so a user's model.rope_scaling must agree with the folder
+    return {"rope_theta": float(theta), "rope_scaling": "", **(new or old)}
 
 
 @dataclass(frozen=True)
@@ -76,7 +110,7 @@ class LlamaConverter:
                 f"head_dim={head_dim} with num_attention_heads={heads} is not hidden_size={d}; "
                 "hpcpipe's Llama has head size hidden_size / num_attention_heads"
             )
-        theta = _rope_theta(c)
+        rope = _rope(c)
         positions = c.get("max_position_embeddings", 2048)
         return {
             "arch": "llama",
@@ -87,7 +121,7 @@ class LlamaConverter:
             "n_kv_heads": c.get("num_key_value_heads") or heads,
             "ffn_hidden": c.get("intermediate_size", 11008),
             "norm_eps": c.get("rms_norm_eps", 1e-6),
-            "rope_theta": float(theta),
+            **rope,
             "init_std": c.get("initializer_range", 0.02),
             "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
             "max_positions": positions,
@@ -97,6 +131,10 @@ class LlamaConverter:
     def config_to_hf(self, model_config: LlamaConfig, dtype: str = "float32") -> dict:
         """config.json of a LlamaForCausalLM computing what model_config computes."""
         m = model_config
+        rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+        if m.llama3_rope is not None:
+            rope["rope_type"] = "llama3"
+            rope.update(zip(LLAMA3_ROPE, m.llama3_rope, strict=True))
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -109,8 +147,8 @@ class LlamaConverter:
             "head_dim": m.head_dim,
             "max_position_embeddings": m.positions,
             "rms_norm_eps": m.norm_eps,
-            # transformers 5 reads rope_parameters; 4.x reads rope_theta
-            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+            # transformers 5 reads rope_parameters; 4.x reads rope_theta (and not llama3 there)
+            "rope_parameters": rope,
             "rope_theta": m.rope_theta,
             "initializer_range": m.init_std,
             "tie_word_embeddings": m.tie_embeddings,

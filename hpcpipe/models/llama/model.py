@@ -18,6 +18,7 @@ from torch import nn
 from hpcpipe.models.api import ModelConfig, embedding_blocks_head
 
 HALF_PRECISION = (torch.float16, torch.bfloat16)
+ROPE_SCALINGS = ("", "llama3")
 
 
 def _ints(config, names, minimum: int) -> None:
@@ -55,12 +56,31 @@ class LlamaConfig(ModelConfig):
     init_std: float = 0.02
     tie_embeddings: bool = False  # lm_head.weight is tok.weight (Llama 3.2 1B/3B)
     max_positions: int = 0  # recorded for Hugging Face export only; 0 = seq_len
+    # RoPE scaling: "" = none, "llama3" = Llama 3.1/3.2's (HF rope_type "llama3"), whose
+    # parameters follow; they are unused without it
+    rope_scaling: str = ""
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
 
     def __post_init__(self) -> None:
         _ints(self, ("n_layers", "d_model", "n_heads", "seq_len", "vocab_size"), 1)
-        _ints(self, ("multiple_of",), 1)
+        _ints(self, ("multiple_of", "rope_original_max_positions"), 1)
         _ints(self, ("n_kv_heads", "ffn_hidden", "max_positions"), 0)
         _floats(self, ("norm_eps", "rope_theta", "init_std"), positive=True)
+        rope = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor")
+        _floats(self, rope, positive=True)
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(
+                f"model.rope_scaling must be one of {', '.join(map(repr, ROPE_SCALINGS))} "
+                f'("" = none, "llama3" = Llama 3.1\'s), got {self.rope_scaling!r}'
+            )
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError(
+                f"model.rope_high_freq_factor={self.rope_high_freq_factor} must be above "
+                f"model.rope_low_freq_factor={self.rope_low_freq_factor} (Llama 3.1: 4.0 and 1.0)"
+            )
         _floats(self, ("ffn_dim_multiplier",), positive=False)
         if self.d_model % self.n_heads:
             raise ValueError(
@@ -110,6 +130,18 @@ class LlamaConfig(ModelConfig):
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
     @property
+    def llama3_rope(self) -> tuple[float, float, float, int] | None:
+        """(factor, low_freq_factor, high_freq_factor, original_max_positions), or None."""
+        if self.rope_scaling != "llama3":
+            return None
+        return (
+            self.rope_factor,
+            self.rope_low_freq_factor,
+            self.rope_high_freq_factor,
+            self.rope_original_max_positions,
+        )
+
+    @property
     def positions(self) -> int:
         """max_position_embeddings for export."""
         return self.max_positions or self.seq_len
@@ -130,15 +162,42 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rotary(length: int, head_dim: int, theta: float, like: torch.Tensor) -> tuple:
+def inv_frequencies(head_dim: int, theta: float, device=None, llama3=None) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim / 2,) in float32, as transformers computes them.
+
+    llama3 = (factor, low_freq_factor, high_freq_factor, original_max_positions) applies
+    Llama 3.1's scaling with the arithmetic of transformers' _compute_llama3_parameters, step
+    for step (float32 tensors, Python-number bounds), so the two agree bit for bit. Its cos/sin
+    factor (attention_scaling) is 1.0, so nothing else changes.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
+    inv_freq = 1.0 / (theta ** (exponent / head_dim))
+    if llama3 is None:
+        return inv_freq
+    factor, low_freq_factor, high_freq_factor, old_context_len = llama3
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # short wavelengths kept, long ones divided by factor, those between interpolated
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    smoothed_inv_freq = (
+        1 - smooth_factor
+    ) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+
+
+def rotary(length: int, head_dim: int, theta: float, like: torch.Tensor, llama3=None) -> tuple:
     """(cos, sin) of shape (length, head_dim), computed as HF's LlamaRotaryEmbedding.
 
-    Frequencies and angles in float32, then cast to the activations' dtype. Computed per call,
-    never a buffer: layers are built on the meta device (a buffer would be garbage after
-    to_empty) and buffers would leak into state dicts.
+    Frequencies and angles in float32, then cast to the activations' dtype; llama3 as in
+    inv_frequencies. Computed per call, never a buffer: layers are built on the meta device (a
+    buffer would be garbage after to_empty) and buffers would leak into state dicts.
     """
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=like.device).float()
-    inv_freq = 1.0 / (theta ** (exponent / head_dim))
+    inv_freq = inv_frequencies(head_dim, theta, like.device, llama3)
     positions = torch.arange(length, device=like.device).float()
     freqs = torch.outer(positions, inv_freq)
     angles = torch.cat((freqs, freqs), dim=-1)
@@ -177,7 +236,7 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         d, hd = config.d_model, config.head_dim
-        self.head_dim, self.theta = hd, config.rope_theta
+        self.head_dim, self.theta, self.llama3 = hd, config.rope_theta, config.llama3_rope
         self.wq = nn.Linear(d, config.n_heads * hd, bias=False)
         self.wk = nn.Linear(d, config.kv_heads * hd, bias=False)
         self.wv = nn.Linear(d, config.kv_heads * hd, bias=False)
@@ -186,7 +245,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = (self._heads(proj(x), b, t) for proj in (self.wq, self.wk, self.wv))
-        cos, sin = rotary(t, self.head_dim, self.theta, x)
+        cos, sin = rotary(t, self.head_dim, self.theta, x, self.llama3)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
