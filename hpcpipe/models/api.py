@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -97,6 +98,23 @@ def embedding_blocks_head(embedding: Callable, block: Callable, head: Callable) 
         return block(config)
 
     return build_layer
+
+
+def mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every token of a micro-batch (a language model's loss)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def tied_token_embedding(config) -> dict[str, tuple[str, ...]]:
+    """The head's `lm_head.weight` is layer 0's `tok.weight` when config.tie_embeddings is set."""
+    if not config.tie_embeddings:
+        return {}
+    return {"embedding": ("layers.0.tok.weight", f"layers.{config.num_layers - 1}.lm_head.weight")}
+
+
+def hidden_states(config, batch: int) -> tuple[int, int, int]:
+    """(batch, seq_len, d_model): what a transformer's layers pass on."""
+    return (batch, config.seq_len, config.d_model)
 
 
 def resolve(target: str):

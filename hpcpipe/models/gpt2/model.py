@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcpipe.models.api import ModelConfig, embedding_blocks_head
+from hpcpipe.models.api import (
+    ModelConfig,
+    embedding_blocks_head,
+    hidden_states,
+    mean_cross_entropy,
+    tied_token_embedding,
+)
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
@@ -181,21 +187,9 @@ def init_layer(layer: nn.Module, config: GPT2Config, index: int, gen: torch.Gene
             nn.init.zeros_(module.bias)
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every token in the batch."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def tie_groups(config: GPT2Config) -> dict[str, tuple[str, ...]]:
-    """The head reuses the token embedding when tie_embeddings is set."""
-    if not config.tie_embeddings:
-        return {}
-    return {"embedding": ("layers.0.tok.weight", f"layers.{config.num_layers - 1}.lm_head.weight")}
-
-
-def boundary_shape(config: GPT2Config, batch: int) -> tuple[int, int, int]:
-    """Hidden states between layers."""
-    return (batch, config.seq_len, config.d_model)
+loss_fn = mean_cross_entropy
+tie_groups = tied_token_embedding  # the head reuses the token embedding when tie_embeddings
+boundary_shape = hidden_states
 
 
 def layer_flops(config: GPT2Config) -> list[float]:

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcpipe.models.api import ModelConfig, embedding_blocks_head
+from hpcpipe.models.api import (
+    ModelConfig,
+    embedding_blocks_head,
+    hidden_states,
+    mean_cross_entropy,
+    tied_token_embedding,
+)
 
 HALF_PRECISION = (torch.float16, torch.bfloat16)
 ROPE_SCALINGS = ("", "llama3")
@@ -314,21 +320,9 @@ def init_layer(layer: nn.Module, config: LlamaConfig, index: int, gen: torch.Gen
             nn.init.ones_(module.weight)
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every token in the batch."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def tie_groups(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
-    """The head reuses the token embedding when tie_embeddings is set."""
-    if not config.tie_embeddings:
-        return {}
-    return {"embedding": ("layers.0.tok.weight", f"layers.{config.num_layers - 1}.lm_head.weight")}
-
-
-def boundary_shape(config: LlamaConfig, batch: int) -> tuple[int, int, int]:
-    """Hidden states between layers."""
-    return (batch, config.seq_len, config.d_model)
+loss_fn = mean_cross_entropy
+tie_groups = tied_token_embedding  # the head reuses the token embedding when tie_embeddings
+boundary_shape = hidden_states
 
 
 def layer_flops(config: LlamaConfig) -> list[float]:
