@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcpipe.models import DEFAULT_ARCH, UnknownModelError, get_spec
-from hpcpipe.models.api import ModelConfig
+from hpcpipe.models.api import ModelConfig, supports_selective_recompute
 from hpcpipe.models.gpt2 import GPT2Config
 
 
@@ -37,6 +37,12 @@ class TrainSection:
     # Stop (after checkpointing) once the step count is a multiple of this, like Megatron's
     # --exit-interval: splits a long run over several allocations. 0 = run to train.steps.
     exit_interval: int = 0
+    # float16 only: dynamic loss scaling (Megatron's --initial-loss-scale, --loss-scale-window).
+    # An overflowing step is skipped and the scale multiplied by loss_scale_backoff; after
+    # loss_scale_window clean steps in a row it doubles.
+    initial_loss_scale: float = 65536.0
+    loss_scale_window: int = 1000
+    loss_scale_backoff: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -50,14 +56,50 @@ class ParallelSection:
     timeout: float = 300.0
     # Launched on fewer ranks than dp*pp*tp (after a failure): re-plan instead of refusing.
     elastic: bool = False
+    # ZeRO stage: 0 replicates the optimizer state on every dp rank; 1 shards the master
+    # weights and AdamW moments over the dp axis (Megatron's distributed optimizer).
+    zero: int = 0
+
+
+RECOMPUTE_MODES = ("false", "full", "selective")
+_RECOMPUTE_SPELLINGS = {
+    **dict.fromkeys(("1", "true", "yes", "on", "full"), "full"),
+    **dict.fromkeys(("0", "false", "no", "off", "none"), "false"),
+    "selective": "selective",
+}
+
+
+def recompute_mode(value: Any, key: str = "schedule.recompute") -> str:
+    """schedule.recompute as one of RECOMPUTE_MODES: "false", "full" or "selective".
+
+    Accepted: the booleans (true keeps meaning "full"), 0 and 1, and the strings true/false,
+    yes/no, on/off, 1/0, none, full, selective in any case. "full" recomputes each stage's
+    forward in backward (the runtime keeps only stage inputs); "selective" recomputes only
+    each attention core (Korthikanti et al. 2022, Megatron's --recompute-granularity
+    selective; see hpcpipe.models.api.attention_core). Anything else is a ConfigError that
+    names `key`, the value and the allowed modes.
+    """
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return "full" if value else "false"
+    if isinstance(value, str) and value.strip().lower() in _RECOMPUTE_SPELLINGS:
+        return _RECOMPUTE_SPELLINGS[value.strip().lower()]
+    raise ConfigError(
+        f"{key} = {value!r} is not a recompute mode; use one of false (keep every activation), "
+        '"full" (or true: recompute each stage\'s forward in backward) or "selective" '
+        "(recompute only the attention cores)"
+    )
 
 
 @dataclass(frozen=True)
 class ScheduleSection:
     name: str = "1f1b"
     microbatches: int = 4
-    recompute: bool = False
+    recompute: str = "false"  # one of RECOMPUTE_MODES; set through recompute_mode
     virtual: int = 1  # V: model chunks per pipeline rank (interleaved schedules)
+
+    def __post_init__(self) -> None:
+        # normalised here too, so ScheduleSection(recompute=True) also stores "full"
+        object.__setattr__(self, "recompute", recompute_mode(self.recompute))
 
 
 @dataclass(frozen=True)
@@ -78,6 +120,9 @@ class CheckpointSection:
 class DebugSection:
     # Fault injection for tests: "RANK:STEP:ACTION" raises on that world rank at that action.
     fail_at: str = ""
+    # float16 tests: at this step (from 0) the loss is scaled 2**24 times more, so its
+    # gradients overflow, the step is skipped and the loss scale backs off. -1: never.
+    overflow_step: int = -1
 
 
 @dataclass(frozen=True)
@@ -123,6 +168,8 @@ def all_keys(arch: str = DEFAULT_ARCH) -> list[str]:
 
 def _coerce(dotted: str, value: Any, target: Any) -> Any:
     """Convert a TOML or command-line value to the type of the field's default."""
+    if dotted in _NORMALISERS:  # keys whose values are not just their default's type
+        return _NORMALISERS[dotted](value, dotted)
     kind = type(target)
     try:
         if kind is bool:
@@ -145,6 +192,9 @@ def _coerce(dotted: str, value: Any, target: Any) -> Any:
             f"{dotted} = {value!r} is not a valid {kind.__name__} "
             f"(default {target!r}); fix the value in the config file or on the command line"
         ) from None
+
+
+_NORMALISERS = {"schedule.recompute": recompute_mode}
 
 
 def _parse_cli_value(text: str) -> Any:
@@ -251,6 +301,14 @@ def check_config(config: Config) -> None:
     _require(t.global_batch >= 1, f"train.global_batch must be >= 1 (got {t.global_batch})")
     _require(s.microbatches >= 1, f"schedule.microbatches must be >= 1 (got {s.microbatches})")
     _require(s.virtual >= 1, f"schedule.virtual must be >= 1 (got {s.virtual})")
+    if s.recompute == "selective":
+        _require(
+            supports_selective_recompute(get_spec(m.arch), m),
+            f"schedule.recompute='selective' recomputes the attention cores, but no layer of "
+            f"model.arch={m.arch!r} marks one (hpcpipe.models.api.attention_core); use "
+            "schedule.recompute=full, or route the family's attention core through "
+            "attention_core and declare `selective_recompute = False` on its module",
+        )
     per_replica, rest = divmod(t.global_batch, p.dp)
     _require(
         rest == 0,
@@ -271,6 +329,12 @@ def check_config(config: Config) -> None:
     c = config.checkpoint
     _require(c.every >= 0, f"checkpoint.every must be >= 0 steps (got {c.every})")
     _require(c.keep >= 1, f"checkpoint.keep must be >= 1 (got {c.keep})")
+    _require(p.zero in (0, 1), f"parallel.zero={p.zero} must be 0 or 1 (ZeRO stage)")
+    _require(
+        t.initial_loss_scale > 0 and t.loss_scale_window >= 0 and 0 < t.loss_scale_backoff < 1,
+        f"train.initial_loss_scale={t.initial_loss_scale} must be > 0, train.loss_scale_window="
+        f"{t.loss_scale_window} >= 0 and train.loss_scale_backoff={t.loss_scale_backoff} in (0, 1)",
+    )
     _require(t.threads >= 1, f"train.threads must be >= 1 (got {t.threads})")
     _require(p.timeout > 0, f"parallel.timeout must be > 0 seconds (got {p.timeout})")
     _require(

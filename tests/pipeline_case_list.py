@@ -1,5 +1,9 @@
 """The cases each MPI world size runs (shared by the driver and the pytest files)."""
 
+from hpcpipe.config import recompute_mode
+
+RECOMPUTE_IDS = {"false": "", "full": "-recompute", "selective": "-selective"}
+
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2), ("interleaved-zb", 2)]
 # (dp, pp, tp) layouts beyond the pure pipeline, by world size.
 LAYOUTS_3D = {2: [(2, 1, 1), (1, 1, 2)], 4: [(2, 2, 1), (1, 2, 2), (2, 1, 2)], 8: [(2, 2, 2)]}
@@ -10,9 +14,10 @@ LLAMA_PIPELINES = (2, 4)
 LLAMA_LAYOUTS = {2: [(1, 1, 2)], 4: [(2, 2, 1), (1, 2, 2)], 8: [(2, 2, 2)]}
 
 
-def case(name, V, M, recompute=False, layout=None, tie=True, dtype="float64", arch="gpt2"):
+def case(name, V, M, recompute=False, layout=None, tie=True, dtype="float64", arch="gpt2", zero=0):
     return {"schedule": name, "virtual": V, "microbatches": M, "recompute": recompute,
-            "layout": list(layout), "tie": tie, "dtype": dtype, "arch": arch}  # fmt: skip
+            "layout": list(layout), "tie": tie, "dtype": dtype, "arch": arch,
+            "zero": zero}  # fmt: skip
 
 
 def pipeline_cases(world: int) -> list[dict]:
@@ -23,6 +28,8 @@ def pipeline_cases(world: int) -> list[dict]:
         for M in sorted(Ms):
             for recompute in (False, True):
                 out.append(case(name, V, M, recompute, (1, world, 1)))
+            if world == M:  # selective: the attention cores only
+                out.append(case(name, V, M, "selective", (1, world, 1)))
     return out
 
 
@@ -37,8 +44,33 @@ def layout_cases(world: int) -> list[dict]:
 
 
 def bf16_cases(world: int) -> list[dict]:
-    """bfloat16 with dp = tp = 2: the dp reduction must equal the same sums done in float32."""
+    """bfloat16 with dp = tp = 2: gradients accumulate and reduce in float32."""
     return [case("1f1b", 1, 2, False, (2, 1, 2), True, "bfloat16")] if world == 4 else []
+
+
+# ZeRO-1 (optimizer state sharded over dp), by world size: (layout, schedules, archs, ties).
+ALL_SCHEDULES = tuple(name for name, _ in SCHEDULES)
+ZERO_LAYOUTS = {
+    2: [((2, 1, 1), ALL_SCHEDULES, ("gpt2", "llama"), (True, False))],
+    4: [((2, 2, 1), ALL_SCHEDULES, ("gpt2", "llama"), (True, False)),
+        ((4, 1, 1), ("1f1b",), ("gpt2", "llama"), (True, False)),
+        ((2, 1, 2), ("1f1b", "zb-h1"), ("gpt2", "llama"), (True,))],
+    8: [((2, 2, 2), ALL_SCHEDULES, ("gpt2",), (True,)),
+        ((2, 2, 2), ("1f1b", "interleaved-zb"), ("llama",), (True, False)),
+        ((4, 2, 1), ("1f1b", "zb-h1"), ("gpt2", "llama"), (False,))],
+}  # fmt: skip
+
+
+def zero_cases(world: int) -> list[dict]:
+    """ZeRO-1 with pp, tp, every schedule, tied and untied: equal to the serial run."""
+    V_of = dict(SCHEDULES)
+    out = []
+    for layout, names, archs, ties in ZERO_LAYOUTS.get(world, []):
+        for arch in archs:
+            for name in names:
+                for tie in ties:
+                    out.append(case(name, V_of[name], 3, False, layout, tie, arch=arch, zero=1))
+    return out
 
 
 def llama_cases(world: int) -> list[dict]:
@@ -52,15 +84,17 @@ def llama_cases(world: int) -> list[dict]:
                 for recompute in (False, True):
                     for tie in (True, False):
                         out.append(case(name, V, M, recompute, layout, tie, arch="llama"))
+            out.append(case(name, V, Ms[0], "selective", layout, True, arch="llama"))
     return out
 
 
 def cases(world: int) -> list[dict]:
-    return pipeline_cases(world) + layout_cases(world) + llama_cases(world)
+    return pipeline_cases(world) + layout_cases(world) + llama_cases(world) + zero_cases(world)
 
 
 def case_id(c: dict) -> str:
     dp, pp, tp = c["layout"]
     arch = "" if c["arch"] == "gpt2" else f"{c['arch']}-"
     return (f"{arch}dp{dp}pp{pp}tp{tp}-{c['schedule']}-V{c['virtual']}-M{c['microbatches']}"
-            f"{'-recompute' * c['recompute']}{'' if c['tie'] else '-untied'}")  # fmt: skip
+            f"{RECOMPUTE_IDS[recompute_mode(c['recompute'])]}{'' if c['tie'] else '-untied'}"
+            f"{'-zero1' * c.get('zero', 0)}")  # fmt: skip

@@ -21,7 +21,7 @@ def test_toml_file_and_overrides(tmp_path):
     assert config.model.n_layers == 2
     assert config.schedule.name == "gpipe"
     assert config.schedule.microbatches == 8
-    assert config.schedule.recompute is True
+    assert config.schedule.recompute == "full"  # true keeps meaning full recomputation
 
 
 def test_partition_override_parses_lists():

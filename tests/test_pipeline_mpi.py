@@ -31,7 +31,8 @@ def results(tmp_path_factory):
 
 
 def find(results, world, case):
-    keys = ("arch", "schedule", "virtual", "microbatches", "recompute", "layout", "tie", "dtype")
+    keys = ("arch", "schedule", "virtual", "microbatches", "recompute", "layout", "tie", "dtype",
+            "zero")  # fmt: skip
     (record,) = [r for r in results[world] if all(r[k] == case[k] for k in keys)]
     return record
 

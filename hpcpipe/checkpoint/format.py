@@ -116,7 +116,7 @@ def check_shard(shard: Shard) -> None:
             )
 
 
-def _write_dataset(f: h5py.File, shard: Shard, file_name: str) -> dict:
+def _write_dataset(f: h5py.File, shard: Shard, file_name: str, dataset: str) -> dict:
     """Write one piece with its attributes; return its manifest record.
 
     NOTE: the checksum is computed inline: at XXH3's ~22 GB/s a helper thread saved nothing,
@@ -124,7 +124,7 @@ def _write_dataset(f: h5py.File, shard: Shard, file_name: str) -> dict:
     """
     arr = to_array(shard.tensor)
     digest = digest_of(arr)
-    ds = f.create_dataset(dataset_name(shard.name), data=arr)
+    ds = f.create_dataset(dataset, data=arr)
     ds.attrs["name"] = shard.name
     ds.attrs["global_shape"] = np.asarray(shard.global_shape, dtype=np.int64)
     ds.attrs["offsets"] = np.asarray(shard.offsets, dtype=np.int64)
@@ -138,7 +138,7 @@ def _write_dataset(f: h5py.File, shard: Shard, file_name: str) -> dict:
         "global_shape": list(shard.global_shape),
         "dtype": dtype_name(shard.tensor.dtype),
         "file": file_name,
-        "dataset": dataset_name(shard.name),
+        "dataset": dataset,
         "offsets": list(shard.offsets),
         "shape": list(shard.tensor.shape),
         checksum.WRITTEN: digest,
@@ -187,18 +187,27 @@ def write_shard_file(
     """
     if not shards:
         return []  # a position with nothing to save leaves no file
-    names = [s.name for s in shards]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
+    # NOTE: one position may hold several pieces of a tensor (a ZeRO fragment is cut into
+    # boxes); each further piece's dataset name carries its offsets.
+    keys = [(s.name, tuple(s.offsets)) for s in shards]
+    if len(set(keys)) != len(keys):
+        dup = sorted({n for n, _ in keys if keys.count((n, _)) > 1})
         raise CheckpointError(f"position {position}: tensors given twice: {dup}")
+    datasets, seen = [], set()
+    for s in shards:
+        name = dataset_name(s.name)
+        if s.name in seen:
+            name += "@" + "_".join(str(o) for o in s.offsets)
+        seen.add(s.name)
+        datasets.append(name)
     for shard in shards:
         check_shard(shard)
     file_name = f"{position}.h5"
     path = Path(directory) / file_name
     with h5py.File(path, "w") as f:
         records, fd = [], f.id.get_vfd_handle()
-        for shard in shards:
-            records.append(_write_dataset(f, shard, file_name))
+        for shard, dataset in zip(shards, datasets, strict=True):
+            records.append(_write_dataset(f, shard, file_name, dataset))
             start_writeback(fd)
             if on_dataset is not None:
                 on_dataset(shard.name)

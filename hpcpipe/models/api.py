@@ -11,6 +11,7 @@ fields are the `[model]` keys (every field needs a default), its `__post_init__`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,12 @@ def embedding_blocks_head(embedding: Callable, block: Callable, head: Callable) 
 
 
 def mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every token of a micro-batch (a language model's loss)."""
+    """Mean cross-entropy over every token of a micro-batch (a language model's loss).
+
+    16-bit logits are upcast to float32 first, as Megatron does unless told otherwise
+    (--fp16-lm-cross-entropy): the log-sum-exp over a large vocabulary loses bits in 16 bits.
+    """
+    logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -115,6 +122,120 @@ def tied_token_embedding(config) -> dict[str, tuple[str, ...]]:
 def hidden_states(config, batch: int) -> tuple[int, int, int]:
     """(batch, seq_len, d_model): what a transformer's layers pass on."""
     return (batch, config.seq_len, config.d_model)
+
+
+# --- selective activation recomputation ------------------------------------------------------
+#
+# Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
+# Megatron's --recompute-granularity selective: keep each layer's activations except those of
+# its attention core (q, k, v -> scores, softmax, weighted sum -> output), which is recomputed
+# in backward. A family marks its core in its attention module:
+#
+#     class Attention(nn.Module):
+#         selective_recompute = False  # the protocol: enable_selective_recompute sets it
+#
+#         def forward(self, x):
+#             q, k, v = ...
+#             y = attention_core(self, core_fn, q, k, v)  # core_fn: no parameters, no dropout
+#             return self.out(y ...)
+#
+# The core runs under torch.utils.checkpoint (use_reentrant=False, no RNG state: no dropout),
+# so what it saves for backward is dropped after forward and recomputed when backward needs it;
+# the checkpoint keeps the core's inputs instead. With the flag off it is a plain call.
+#
+# What that drops per layer, measured with saved_tensors_hooks (unique storages, parameters
+# excluded; torch 2.13 on CPU; tests/test_recompute.py checks it byte for byte). b = micro-batch,
+# s = seq_len, h = query heads, h_kv = key/value heads (GPT-2: h), d = head_dim, e = bytes of
+# the activation dtype, a = bytes of the kernel's accumulator: 8 for float64, 4 for float32 and
+# bfloat16 (both kernels compute 16-bit attention in float32). Dropped = what the core saves
+# minus its inputs, which the checkpoint keeps and nothing else in the layer saves.
+#
+# * Default CPU kernel (_scaled_dot_product_flash_attention_for_cpu; chosen for float64,
+#   float32 and bfloat16): saves q, k, v, the output and the logsumexp (b, h, s) in `a` bytes;
+#   never an s x s matrix. Its output is laid out (b, s, h, d), so the output projection's input
+#   y.transpose(1, 2).reshape(...) is a view of it, saved anyway. Dropped:
+#       b*h*s*a  +  2*b*(h - h_kv)*s*d*e
+#   (the logsumexp, plus for grouped-query attention the expanded keys and values: the
+#   expansion is inside Llama's core, as in Megatron's DotProductAttention). The benchmark GPT
+#   (jobs/configs/benchmark.toml: b=4, s=128, h=4, d=64, float32) drops 8 KiB of a block's
+#   8.0 MiB: with this kernel selective recomputation buys almost nothing but costs a second
+#   attention forward.
+# * Math fallback (e.g. under sdpa_kernel(SDPBackend.MATH)): saves q and k scaled, a contiguous
+#   v (each b*h*s*d*a: 16-bit inputs are upcast) and the softmax (b, h, s, s) in `a` bytes, one
+#   storage for the softmax and matmul. Dropped:
+#       b*h*s*s*a  +  3*b*h*s*d*a  -  b*(h + 2*h_kv)*s*d*e
+#   the s^2 term the paper targets (2 MiB of the benchmark GPT's block in float64).
+#
+# The core is recomputed under the SDPA backends enabled at forward (see
+# _same_attention_kernels), so both kernels' savings hold whatever wraps the backward.
+
+SELECTIVE_RECOMPUTE = "selective_recompute"  # the attribute a module with a core declares
+
+
+def attention_core(module: nn.Module, fn: Callable[..., torch.Tensor], *tensors) -> torch.Tensor:
+    """fn(*tensors): `module`'s attention core, recomputed in backward when it is switched on.
+
+    `module` must declare `selective_recompute` (a class attribute, False by default);
+    enable_selective_recompute sets it. fn must hold no parameters and draw no random numbers
+    (it is run twice). Without grad mode (inference, the runtime's no-grad forward of full
+    recomputation, meta-device shape checks) it is always a plain call.
+    """
+    try:
+        on = getattr(module, SELECTIVE_RECOMPUTE)
+    except AttributeError:
+        raise TypeError(
+            f"{type(module).__name__} calls attention_core but does not declare "
+            f"`{SELECTIVE_RECOMPUTE} = False`; add it as a class attribute so "
+            "enable_selective_recompute can find the module"
+        ) from None
+    if on and torch.is_grad_enabled():
+        return checkpoint(
+            fn,
+            *tensors,
+            use_reentrant=False,
+            preserve_rng_state=False,
+            context_fn=_same_attention_kernels(),
+        )
+    return fn(*tensors)
+
+
+def _same_attention_kernels() -> Callable:
+    """checkpoint's context_fn: recompute under the SDPA backends enabled now, at forward.
+
+    Backward usually runs outside a `with sdpa_kernel(...)` that wrapped the forward; another
+    kernel saves other tensors and the checkpoint refuses them (CheckpointError).
+    """
+    from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel  # what sdpa_kernel uses
+
+    backends = _cur_sdpa_kernel_backends(with_priority=True)
+    return lambda: (contextlib.nullcontext(), sdpa_kernel(backends, set_priority=True))
+
+
+def enable_selective_recompute(module: nn.Module, enabled: bool = True) -> int:
+    """Switch selective recomputation on (or off) in every submodule that marks a core.
+
+    Returns how many modules declare `selective_recompute` (each now set to `enabled`). A stage
+    may hold none (only the embedding or the head), so 0 is no error here; a family whose layers
+    mark no core anywhere (examples/own_model) is refused when the config is checked
+    (supports_selective_recompute: a ConfigError on every rank alike, before any communication)
+    rather than warned about, since it would run with none of the memory the user asked for.
+    """
+    count = 0
+    for sub in module.modules():
+        if hasattr(sub, SELECTIVE_RECOMPUTE):
+            setattr(sub, SELECTIVE_RECOMPUTE, bool(enabled))
+            count += 1
+    return count
+
+
+def supports_selective_recompute(spec: ModelSpec, config) -> bool:
+    """Whether any layer of the model marks an attention core (counted on meta layers)."""
+    with torch.device("meta"):
+        for index in range(spec.num_layers(config)):
+            layer = spec.build_layer(config, index)
+            if any(hasattr(m, SELECTIVE_RECOMPUTE) for m in layer.modules()):
+                return True
+    return False
 
 
 def resolve(target: str):

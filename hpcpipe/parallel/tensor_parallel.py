@@ -172,6 +172,8 @@ def vocab_parallel_loss(tp: TPContext, start: int):
     """Mean cross-entropy over all tokens from vocabulary-split logits (same on every tp rank)."""
 
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()  # as mean_cross_entropy: the softmax in float32
         return _VocabParallelCrossEntropy.apply(logits, targets, start, tp).mean()
 
     return loss

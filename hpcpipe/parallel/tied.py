@@ -66,15 +66,21 @@ def canonical_names(groups: list[TiedGroup]) -> dict[str, str]:
     return {name: g.names[0] for g in groups for name in g.names[1:]}
 
 
-def sum_tied_grads(group: TiedGroup, timeout: float = 300.0) -> float:
-    """Make every copy's gradient the sum over all copies; return seconds spent waiting."""
-    if not group.copies:
+def needs_sum(group: TiedGroup) -> bool:
+    """Whether this rank's copies' gradients must be summed (with peers or among themselves)."""
+    return bool(group.copies) and (group.comm is not None or len(group.copies) > 1)
+
+
+def sum_tied_grads(group: TiedGroup, grads: list[torch.Tensor], timeout: float = 300.0) -> float:
+    """Make each of `grads` (the copies' accumulated gradients, in the group's copy order) the
+    sum over all copies of the group, in place; return seconds spent waiting."""
+    if not grads:
         return 0.0
-    total = torch.zeros_like(group.copies[0])
-    for param in group.copies:
-        if param.grad is not None:
-            total += param.grad
+    total = grads[0].clone() if len(grads) > 1 else grads[0]
+    for g in grads[1:]:
+        total += g
     waited = allreduce_(group.comm, total, timeout=timeout) if group.comm is not None else 0.0
-    for param in group.copies:
-        param.grad = total.clone() if len(group.copies) > 1 else total
+    for g in grads:
+        if g is not total:
+            g.copy_(total)
     return waited

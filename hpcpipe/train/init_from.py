@@ -292,9 +292,13 @@ def load_into(trainer, path: str | Path) -> int:
 
     Returns the number of tensors the whole model loads (the same on every rank).
     """
-    load_weights(
-        trainer.named_params, trainer.canonical, trainer.tp_specs, trainer.config.model, path
-    )
+    # NOTE: loaded in full precision and handed to the master weights, so a 16-bit run starts
+    # from the source's values rather than from their 16-bit rounding.
+    dtype = trainer.master.fragments[0].master.dtype if trainer.master.fragments else None
+    full = [(n, torch.zeros_like(p, dtype=dtype)) for n, p in trainer.named_params]
+    load_weights(full, trainer.canonical, trainer.tp_specs, trainer.config.model, path)
+    values = {id(p): t for (_, p), (_, t) in zip(trainer.named_params, full, strict=True)}
+    trainer.master.load_values(values)
     return len(expected_tensors(trainer.config.model))
 
 

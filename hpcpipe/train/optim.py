@@ -21,14 +21,17 @@ def lr_at(step: int, train: TrainSection) -> float:
     return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_adamw(named_params: Iterable[tuple[str, torch.nn.Parameter]], train: TrainSection):
+def make_adamw(named_params: Iterable[tuple], train: TrainSection):
     """AdamW with weight decay on matrices only (not biases, LayerNorm or positions), as nanoGPT.
 
+    named_params: (name, parameter), or (name, tensor, decays) for a flat fragment of one.
     AdamW is elementwise, so one optimizer per stage equals one over the whole model.
     """
     decay, no_decay = [], []
-    for _, p in sorted(named_params, key=lambda item: item[0]):
-        (decay if p.dim() >= 2 else no_decay).append(p)
+    for item in sorted(named_params, key=lambda item: item[0]):
+        p = item[1]
+        decays = item[2] if len(item) > 2 else p.dim() >= 2
+        (decay if decays else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -44,10 +47,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def grad_square_sum(params: Iterable[torch.nn.Parameter]) -> float:
     """Sum of squared gradient entries, in float64 (the local share of the global norm)."""
+    return grad_square_sum_of(p.grad for p in params if p.grad is not None)
+
+
+def grad_square_sum_of(grads: Iterable[torch.Tensor]) -> float:
+    """Sum of squared entries of these gradients, in float64 (inf or nan on an overflow)."""
     total = 0.0
-    for p in params:
-        if p.grad is not None:
-            total += float(p.grad.detach().double().pow(2).sum())
+    for g in grads:
+        total += float(g.detach().double().pow(2).sum())
     return total
 
 

@@ -5,6 +5,8 @@ It shares no code with the pipeline runtime: one model, plain autograd, torch's 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from hpcpipe import data
@@ -22,7 +24,11 @@ class SerialTrainer:
         self.config = config
         dtype = TORCH_DTYPES[config.train.dtype]
         self.spec = get_spec(config.model.arch)
-        self.model = build_model(self.spec, config.model, config.train.seed).to(dtype=dtype)
+        # 16-bit: `model` holds the float32 masters the optimizer updates; `compute` is their
+        # 16-bit copy that runs forward and backward (re-derived after every step).
+        master = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        self.model = build_model(self.spec, config.model, config.train.seed).to(dtype=master)
+        self.compute = copy.deepcopy(self.model).to(dtype=dtype) if master != dtype else self.model
         self.optimizer = optim.make_adamw(self.model.named_parameters(), config.train)
         t = config.train
         if tokens is None:
@@ -39,10 +45,20 @@ class SerialTrainer:
         self.model.zero_grad(set_to_none=True)
         total = 0.0
         for x, y in data.split_microbatches(inputs, targets, M):
-            loss = self.spec.loss(self.model(x), y) / M
+            loss = self.spec.loss(self.compute(x), y) / M
             loss.backward()
             total += float(loss.detach().double())
+            self._accumulate_in_master()
         return total
+
+    def _accumulate_in_master(self) -> None:
+        """16-bit: add this micro-batch's gradients into the float32 masters' (fp32 sums)."""
+        if self.compute is self.model:
+            return
+        for p, q in zip(self.model.parameters(), self.compute.parameters(), strict=True):
+            if q.grad is not None:
+                p.grad = q.grad.float() if p.grad is None else p.grad.add_(q.grad)
+                q.grad = None
 
     def finish_step(self) -> float:
         """Clip, set LR, AdamW step; return the pre-clip gradient norm."""
@@ -52,6 +68,10 @@ class SerialTrainer:
         optim.set_lr(self.optimizer, optim.lr_at(self.step_index, t))
         self.optimizer.step()
         self.step_index += 1
+        if self.compute is not self.model:
+            with torch.no_grad():
+                for p, q in zip(self.model.parameters(), self.compute.parameters(), strict=True):
+                    q.copy_(p)
         return float(norm)
 
     def grads(self) -> dict[str, torch.Tensor]:

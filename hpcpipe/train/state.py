@@ -1,13 +1,16 @@
 """A trainer's state as checkpoint shards keyed by GLOBAL names, and back onto any layout.
 
-Parameters and AdamW moments are saved under the parameter's global name (moments prefixed
+Master weights and AdamW moments are saved under the parameter's global name (moments prefixed
 `optim.exp_avg/`, `optim.exp_avg_sq/`, `optim.step/`), with the slice a tensor-parallel rank
-holds. A tied copy is never saved: it is its group's first member, and it loads from there.
+holds; under ZeRO each dp rank writes the flat range it owns, as boxes of the global tensor.
+A 16-bit run saves its float32 masters (the 16-bit parameters are derived from them). A tied
+copy is never saved: it is its group's first member, and it loads from there.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 
 import torch
 
@@ -36,22 +39,63 @@ def _trim(tensor: torch.Tensor, local_shape) -> torch.Tensor:
     return tensor
 
 
-def _saved_params(trainer):
-    """(name, parameter) pairs this rank writes: no tied copies."""
-    return [(n, p) for n, p in trainer.named_params if canonical_name(trainer, n) == n]
+def flat_boxes(shape, start: int, stop: int) -> list[tuple[tuple, tuple]]:
+    """The flat range [start, stop) of a C-ordered tensor of `shape` as boxes (offsets, shape),
+    each one contiguous and in order (at most 2 per dimension), so a ZeRO fragment can be saved
+    as ordinary pieces of the global tensor."""
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [((start,), (stop - start,))] if shape else [((), ())]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (stop - 1) // inner
+    if first == last:
+        rest = flat_boxes(shape[1:], start - first * inner, stop - first * inner)
+        return [((first, *o), (1, *n)) for o, n in rest]
+    out = []
+    if start % inner:
+        rest = flat_boxes(shape[1:], start % inner, inner)
+        out += [((first, *o), (1, *n)) for o, n in rest]
+        first += 1
+    full_end = stop // inner
+    if full_end > first:
+        out.append(((first,) + (0,) * (len(shape) - 1), (full_end - first, *shape[1:])))
+    if stop % inner:
+        rest = flat_boxes(shape[1:], 0, stop % inner)
+        out += [((full_end, *o), (1, *n)) for o, n in rest]
+    return out
+
+
+def fragment_pieces(flat: torch.Tensor, shape, start: int, stop: int, real_shape):
+    """(offsets, tensor) boxes of a fragment's values, cut to the real (unpadded) local shape."""
+    out, pos = [], 0
+    for offsets, box in flat_boxes(tuple(shape), start, stop):
+        n = math.prod(box)
+        piece = flat[pos : pos + n].view(box)
+        pos += n
+        for dim, (o, size) in enumerate(zip(offsets, box, strict=True)):
+            piece = piece.narrow(dim, 0, max(0, min(size, real_shape[dim] - o)))
+        if piece.numel():
+            out.append((offsets, piece))
+    return out
 
 
 def shards(trainer) -> list[Shard]:
-    """Every tensor this rank contributes: parameters, AdamW moments and step counts."""
+    """Every tensor this rank owns: the master weights (never a 16-bit copy), AdamW moments and
+    step counts of its fragments (whole parameters, or under ZeRO its 1/dp flat ranges)."""
     out = []
-    for name, p in _saved_params(trainer):
-        gshape, offsets, local = _placement(trainer, name, p)
-        out.append(Shard(name, _trim(p.detach(), local), gshape, offsets))
-        state = trainer.optimizer.state.get(p, {})
-        for moment in MOMENTS:
-            if moment in state:
-                value = _trim(state[moment], local)
-                out.append(Shard(f"optim.{moment}/{name}", value, gshape, offsets))
+    for f in trainer.master.fragments:
+        name = f.name
+        if canonical_name(trainer, name) != name:
+            continue  # a tied copy: saved as its group's first member
+        gshape, offsets, local = _placement(trainer, name, f.param)
+        state = trainer.master.state_of(f)
+        values = {name: f.master}
+        values.update({f"optim.{m}/{name}": state[m] for m in MOMENTS if m in state})
+        for key, flat in values.items():
+            for box_offsets, piece in fragment_pieces(flat, f.param.shape, f.start, f.stop, local):
+                where = tuple(o + b for o, b in zip(offsets, box_offsets, strict=True))
+                out.append(Shard(key, piece.detach(), gshape, where))
         if "step" in state:
             out.append(Shard(f"optim.step/{name}", state["step"].reshape(()), (), ()))
     return out
@@ -73,6 +117,7 @@ def manifest(trainer) -> dict:
                    "partition": [list(b) for b in trainer.blueprint.partition.bounds]},
         "sampler": sampler,
         "lr_schedule": {"step": trainer.step_index},
+        "loss_scaler": trainer.master.scaler.state_dict(),
         "rng": [g["rng"] for g in gathered],
     }  # fmt: skip
 
@@ -80,13 +125,14 @@ def manifest(trainer) -> dict:
 def save(trainer, root) -> str:
     """Collective: write this step's checkpoint under root; return the step directory."""
     g = trainer.grid
+    zero = trainer.config.parallel.zero and trainer.config.parallel.dp > 1
     path = save_checkpoint(
         root,
         trainer.step_index,
         g.cart,
         shards(trainer),
-        writer=g.dp_rank == 0,
-        position=f"pp{g.pp_rank}_tp{g.tp_rank}",
+        writer=zero or g.dp_rank == 0,  # ZeRO: each dp rank writes the shard it owns
+        position=f"pp{g.pp_rank}_tp{g.tp_rank}" + (f"_dp{g.dp_rank}" if zero else ""),
         manifest=manifest(trainer),
         keep=trainer.config.checkpoint.keep,
         timeout=trainer.config.parallel.timeout,
@@ -108,9 +154,9 @@ def _fault_hook(trainer):
 def _wanted(trainer) -> list[tuple]:
     """(stored name, global shape, offsets, local shape) for every tensor this rank needs."""
     wanted = {}
-    for name, p in trainer.named_params:
-        stored = canonical_name(trainer, name)
-        gshape, offsets, local = _placement(trainer, name, p)
+    for f in trainer.master.fragments:
+        stored = canonical_name(trainer, f.name)
+        gshape, offsets, local = _placement(trainer, f.name, f.param)
         wanted[stored] = (stored, gshape, offsets, local)
         for moment in MOMENTS:
             key = f"optim.{moment}/{stored}"
@@ -119,33 +165,32 @@ def _wanted(trainer) -> list[tuple]:
     return list(wanted.values())
 
 
-def restore(trainer, path) -> dict:
-    """Load parameters, AdamW state, sampler position and step from any layout's checkpoint.
+def _flat_range(loaded: torch.Tensor, f, local, dtype) -> torch.Tensor:
+    """A fragment's range of a loaded local piece (padding rows, if any, are zero)."""
+    full = torch.zeros(f.param.shape, dtype=dtype, device=f.master.device)
+    _trim(full, local).copy_(loaded)
+    return full.reshape(-1)[f.start : f.stop]
 
-    Values land in place: in the parameters, and in AdamW moments made here for them.
-    """
-    destinations, states = {}, {}
-    for name, p in trainer.named_params:
-        stored = canonical_name(trainer, name)
-        _, _, local = _placement(trainer, name, p)
-        state = states.setdefault(id(p), {m: torch.zeros_like(p) for m in MOMENTS})
-        destinations[stored] = _trim(p.detach(), local)
-        for moment in MOMENTS:
-            destinations[f"optim.{moment}/{stored}"] = _trim(state[moment], local)
-    meta, tensors = load_checkpoint(path, _wanted(trainer), into=destinations)
+
+def restore(trainer, path) -> dict:
+    """Load master weights, AdamW state, sampler position and step from any layout's
+    checkpoint (any dp, pp, tp, zero); the model parameters are derived from the masters."""
+    meta, tensors = load_checkpoint(path, _wanted(trainer))
     with torch.no_grad():
-        for name, p in trainer.named_params:
-            stored = canonical_name(trainer, name)
-            _, _, local = _placement(trainer, name, p)
-            # NOTE: two parameters of one rank can share a stored name (tied embeddings on
-            # one stage); the load filled one of them in place, the other is copied here.
-            _fill(_trim(p, local), tensors[stored])
-            state = {m: states[id(p)][m] for m in MOMENTS}
-            for moment in MOMENTS:
-                _fill(_trim(state[moment], local), tensors[f"optim.{moment}/{stored}"])
+        for f in trainer.master.fragments:
+            stored = canonical_name(trainer, f.name)
+            _, _, local = _placement(trainer, f.name, f.param)
+            dtype = f.master.dtype
+            f.master.copy_(_flat_range(tensors[stored], f, local, dtype))
+            state = {
+                m: _flat_range(tensors[f"optim.{m}/{stored}"], f, local, dtype).clone()
+                for m in MOMENTS
+            }
             state["step"] = tensors[f"optim.step/{stored}"].to(torch.float32).reshape(())
-            trainer.optimizer.state[p] = state
+            trainer.master.set_state(f, state)
+        trainer.master.refresh_params()
     trainer.step_index = meta["lr_schedule"]["step"]
+    trainer.master.scaler.load_state_dict(meta.get("loss_scaler"))
     if trainer.sampler is not None:
         trainer.sampler.load_state_dict(meta["sampler"])
     rngs = meta.get("rng") or []
@@ -153,12 +198,6 @@ def restore(trainer, path) -> dict:
         raw = base64.b64decode(rngs[trainer.grid.world_rank])
         torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
     return meta
-
-
-def _fill(target: torch.Tensor, loaded: torch.Tensor) -> None:
-    """Copy a loaded tensor into its destination unless it was loaded there in place."""
-    if target.data_ptr() != loaded.data_ptr() or target.dtype != loaded.dtype:
-        target.copy_(loaded)
 
 
 def check_layout_change(saved: dict, config) -> list[str]:

@@ -11,7 +11,13 @@ import torch
 from hpcpipe import data
 from hpcpipe.config import Config, ConfigError, check_world
 from hpcpipe.models import get_spec
-from hpcpipe.models.api import ModelSpec, build_stage, check_boundaries, layer_costs
+from hpcpipe.models.api import (
+    ModelSpec,
+    build_stage,
+    check_boundaries,
+    enable_selective_recompute,
+    layer_costs,
+)
 from hpcpipe.parallel import tied
 from hpcpipe.parallel.data_parallel import GradReducer
 from hpcpipe.parallel.grid import Grid
@@ -22,6 +28,7 @@ from hpcpipe.pipeline.runtime import PipelineRuntime, StepResult
 from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Schedule, ScheduleError, build_schedule
 from hpcpipe.pipeline.zero_bubble import WeightGradStore, enable_split_backward
 from hpcpipe.train import fault, optim
+from hpcpipe.train.precision import HALF, MasterOptimizer
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -29,6 +36,11 @@ TORCH_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the master weights (and of a stage as built): float32 for 16-bit runs."""
+    return torch.float32 if dtype in HALF else dtype
 
 
 @dataclass(frozen=True)
@@ -104,16 +116,23 @@ class PipelineTrainer:
             blueprint.partition.stage_of_layer, grid,
         )  # fmt: skip
         self.canonical = tied.canonical_names(self.tied)  # tied copy -> the name it is stored as
-        self.norm_params = self._norm_params(named)
-        self.optimizer = optim.make_adamw(named, config.train)
+        self.norm_ids = self._norm_ids(named)
         self.reducer = GradReducer(
             self.params, grid.dp_comm, config.schedule.microbatches,
-            timeout=config.parallel.timeout,
+            timeout=config.parallel.timeout, zero=config.parallel.zero,
+            isolate=[p for g in self.tied if tied.needs_sum(g) for p in g.copies],
         )  # fmt: skip
+        # NOTE: built while the stages still hold full-precision values (the fp32 masters of a
+        # 16-bit run start from them); it then stores the parameters in self.dtype.
+        self.master = MasterOptimizer(named, self.reducer, config.train, self.dtype)
+        self.optimizer = self.master.optimizer
+        for stage in self.stages.values():
+            stage.to(dtype=self.dtype)  # floating buffers, if a family has any
         if self.weight_store is not None:
             self.weight_store.on_accumulate = self.reducer.grad_ready
             self.reducer.defer(deferred_parameters(self.stages))
         self.step_index = 0
+        self._multiplier = 1.0  # the loss scale of the step being run
         self.sampler, self.tokens = self._build_data(tokens)
         self.runtime = PipelineRuntime(
             stages=self.stages,
@@ -126,7 +145,7 @@ class PipelineTrainer:
             ),
             dtype=self.dtype,
             device=self.device,
-            loss_fn=self._loss_fn(),
+            loss_fn=self._scaled(self._loss_fn()),
             recompute=config.schedule.recompute,
             fail_at=self._fail_at(),
             weight_store=self.weight_store,
@@ -135,23 +154,49 @@ class PipelineTrainer:
         )
         self.stop_request: fault.StopRequest | None = None
 
-    def _norm_params(self, named) -> list[torch.nn.Parameter]:
-        """The parameters whose squares this rank adds to the global norm: each counted once.
+    def _norm_ids(self, named) -> set[int]:
+        """ids of the parameters whose squares this rank adds to the global norm (once each).
 
-        dp replicas hold equal gradients (dp rank 0 counts); replicated tensor-parallel
-        parameters are equal on every tp rank (tp rank 0 counts); a tied copy duplicates its
-        group's first member (that one counts).
+        dp replicas hold equal gradients (dp rank 0 counts; under ZeRO each rank counts the
+        shard it owns); replicated tensor-parallel parameters are equal on every tp rank (tp
+        rank 0 counts); a tied copy duplicates its group's first member (that one counts).
         """
-        if self.grid.dp_rank > 0:
-            return []
+        if self.grid.dp_rank > 0 and not self.config.parallel.zero:
+            return set()
         skip = tied.duplicate_copies(self.tied, self.stages)
-        keep = []
+        keep = set()
         for name, p in named:
             replicated = name not in self.tp_specs
             if id(p) in skip or (replicated and self.grid.tp_rank > 0):
                 continue
-            keep.append(p)
+            keep.add(id(p))
         return keep
+
+    def _scaled(self, loss_fn):
+        """float16: the loss times the loss scale (and 2**24 more at debug.overflow_step)."""
+        if self.dtype != torch.float16:
+            return loss_fn
+        return lambda out, target: loss_fn(out, target) * self._multiplier
+
+    def loss_multiplier(self) -> float:
+        injected = self.step_index == self.config.debug.overflow_step
+        return self.master.scaler.scale * (2.0**24 if injected else 1.0)
+
+    def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this rank holds between steps, by kind (memory accounting)."""
+        buckets = self.reducer.buckets
+        shards = [b.grad_shard for b in buckets if b.grad_shard.data_ptr() != b.grad.data_ptr()]
+        return {
+            "params": [b.param for b in buckets],
+            "grads": [b.grad for b in buckets] + shards,
+            "optimizer": self.master.tensors(),
+            "comm": self.runtime.p2p.buffers() if hasattr(self.runtime.p2p, "buffers") else [],
+        }
+
+    def grad_fragments(self):
+        """(global name, fragment) of the reduced gradients this rank owns (after a step's
+        backward): whole parameters without ZeRO, flat ranges of them with it."""
+        return [(f.name, f) for f in self.master.fragments]
 
     def _fail_at(self) -> str | None:
         """This rank's part of debug.fail_at = "WORLD_RANK:STEP:ACTION"."""
@@ -173,7 +218,9 @@ class PipelineTrainer:
             stage = build_stage(b.spec, b.model, b.partition.layers(s), self.config.train.seed)
             if self.tp.size > 1:
                 self.tp_specs.update(parallelize_stage(stage, b.spec, b.model, self.tp))
-            stages[s] = stage.to(device=self.device, dtype=self.dtype)
+            if self.config.schedule.recompute == "selective":
+                enable_selective_recompute(stage)
+            stages[s] = stage.to(device=self.device, dtype=master_dtype(self.dtype))
         return stages
 
     def _needs_data(self) -> bool:
@@ -206,35 +253,50 @@ class PipelineTrainer:
             p.grad = None
         self.runtime.step_index = self.step_index
         self.reducer.start_step()
+        self._multiplier = self.loss_multiplier()
         result = self.runtime.step(self.next_microbatches())
-        result.wait_seconds += self.reducer.finish()
+        # Tied copies are summed before the dp reduction (a sum either way; under ZeRO the
+        # copies' shards would not line up afterwards); that releases their buckets.
+        timeout = self.config.parallel.timeout
         for group in self.tied:
-            result.wait_seconds += tied.sum_tied_grads(group, self.config.parallel.timeout)
+            if tied.needs_sum(group):
+                grads = [self.reducer.grad(p) for p in group.copies]
+                result.wait_seconds += tied.sum_tied_grads(group, grads, timeout)
+                for p in group.copies:
+                    self.reducer.grad_ready(p)
+        result.wait_seconds += self.reducer.finish()
         return result
 
     def finish_step(self, result: StepResult) -> dict:
         """Global norm, clipping, LR, AdamW; returns the step's loss, norm and lr."""
         t = self.config.train
         # The loss lives on the last stage, the same on every tp rank: tp rank 0 reports it.
-        loss = result.loss if self.grid.tp_rank == 0 else 0.0
+        loss = result.loss / self._multiplier if self.grid.tp_rank == 0 else 0.0
+        # One reduction gives the global norm, the loss and (float16) the overflow verdict: a
+        # non-finite sum of squares anywhere makes the sum non-finite everywhere.
         totals = torch.tensor(
-            [optim.grad_square_sum(self.norm_params), loss / self.config.parallel.dp],
+            [self.master.square_sum(self.norm_ids), loss / self.config.parallel.dp],
             dtype=torch.float64,
         )
         waited = allreduce_(self.grid.cart, totals, timeout=self.config.parallel.timeout)
-        grad_norm = float(totals[0]) ** 0.5
-        optim.scale_grads(self.params, optim.clip_coefficient(grad_norm, t.grad_clip))
         lr = optim.lr_at(self.step_index, t)
-        optim.set_lr(self.optimizer, lr)
-        self.optimizer.step()
+        outcome = self.master.step(float(totals[0]), t.grad_clip, lr)
         self.step_index += 1
-        return {"loss": float(totals[1]), "grad_norm": grad_norm, "lr": lr, "reduce_wait": waited}
+        record = {"loss": float(totals[1]), "grad_norm": outcome["grad_norm"], "lr": lr,
+                  "reduce_wait": waited, "skipped": outcome["skipped"]}  # fmt: skip
+        if self.dtype == torch.float16:
+            record["loss_scale"] = outcome["loss_scale"]
+        if outcome["skipped"]:
+            record["grad_norm"] = None  # an overflow: not a number to plot
+        return record
 
     def train_step(self) -> dict:
         """One full optimizer step with its measurements (the same dict on every rank)."""
         start = time.perf_counter()
         result = self.forward_backward()
         record = self.finish_step(result)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels are asynchronous: time their end
         elapsed = time.perf_counter() - start
         waited = result.wait_seconds + record.pop("reduce_wait")
         stop = float(self.stop_request is not None and self.stop_request.signal is not None)
@@ -307,7 +369,8 @@ def describe_run(config: Config, blueprint: Blueprint, world_size: int) -> str:
         f"(dp={p.dp} pp={p.pp} tp={p.tp}), schedule {s.name}, "
         f"M={s.microbatches} micro-batches of {blueprint.microbatch_size}"
         f"{f', V={s.virtual} chunks per rank' if s.virtual > 1 else ''}, dtype {config.train.dtype}"
-        f"{', recompute' if s.recompute else ''}",
+        f"{f', recompute {s.recompute}' if s.recompute != 'false' else ''}"
+        f"{f', ZeRO-{p.zero}' if p.zero else ''}",
         blueprint.partition.describe(),
     ]
     return "\n".join(lines)

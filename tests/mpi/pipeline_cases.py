@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
 from mpi4py import MPI
 from pipeline_case_list import bf16_cases, cases
@@ -44,7 +45,7 @@ def case_config(case: dict):
                       "tie_embeddings": case["tie"]},
             "train": {"global_batch": 2 * M * dp, "steps": STEPS, "dtype": case["dtype"],
                       "lr": 1e-2, "warmup_steps": 1, "grad_clip": 0.5, "seed": 7},
-            "parallel": {"dp": dp, "pp": pp, "tp": tp, "timeout": 60},
+            "parallel": {"dp": dp, "pp": pp, "tp": tp, "timeout": 60, "zero": case["zero"]},
             "schedule": {"name": case["schedule"], "microbatches": M, "virtual": V,
                          "recompute": case["recompute"]},
         }
@@ -59,6 +60,23 @@ def local_piece(trainer, name: str, local: torch.Tensor, full: torch.Tensor):
     dim, offset, size = spec
     length = min(local.shape[dim], size - offset)
     return local.narrow(dim, 0, length), full.narrow(dim, offset, length)
+
+
+def fragment_piece(trainer, name: str, fragment, full: torch.Tensor):
+    """(this rank's reduced gradient fragment, the same elements of the serial gradient).
+
+    A fragment is a flat range of the local (tp-sliced, maybe vocabulary-padded) parameter;
+    the serial gradient is sliced, padded with zeros like the local tensor, and flattened.
+    """
+    shape = fragment.param.shape
+    padded = torch.zeros(shape, dtype=full.dtype)
+    real, ref = local_piece(trainer, name, padded, full)
+    real.copy_(ref)
+    real_mask = torch.zeros(shape, dtype=torch.bool)
+    local_piece(trainer, name, real_mask, full)[0].fill_(True)
+    span = slice(fragment.start, fragment.stop)
+    keep = real_mask.reshape(-1)[span]
+    return fragment.master.grad[keep], padded.reshape(-1)[span][keep].to(fragment.master.dtype)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,8 +100,8 @@ def run_case(comm, world: int, case: dict, tokens) -> dict:
         result = trainer.forward_backward()
         ref_loss = oracle.forward_backward()
         ref_grads = oracle.grads()
-        for name, p in local_params(trainer):
-            mine, ref = local_piece(trainer, name, p.grad, ref_grads[name])
+        for name, fragment in trainer.grad_fragments():
+            mine, ref = fragment_piece(trainer, name, fragment, ref_grads[name])
             worst["grad"] = max(worst["grad"], rel(mine, ref))
         record = trainer.finish_step(result)
         ref_norm = oracle.finish_step()
@@ -106,21 +124,23 @@ def local_params(trainer: PipelineTrainer):
 
 
 def bf16_reduction_case(comm, case: dict, tokens) -> dict:
-    """dp-reduced bf16 gradients equal float32 sums of the same local gradients, rounded once."""
+    """bf16 compute: gradients are float32, and their dp mean equals float32 sums of the same
+    local float32 gradients (no 16-bit rounding anywhere on the way)."""
     config = case_config(case)
     dp, pp, tp = case["layout"]
     grid = Grid(comm, Topology(dp, pp, tp))
     trainer = PipelineTrainer(config, grid, make_blueprint(config, comm.Get_size()), tokens=tokens)
     trainer.reducer.start_step()
     trainer.runtime.step(trainer.next_microbatches())
-    local = [p.grad.float().clone() for p in trainer.params]  # before the dp reduction
+    local = [trainer.reducer.grad(p).clone() for p in trainer.params]  # before the dp reduction
     trainer.reducer.finish()
-    equal = True
+    equal = all(p.dtype == torch.bfloat16 and p.grad is None for p in trainer.params)
     for p, mine in zip(trainer.params, local, strict=True):
         wide = mine.numpy().copy()
+        equal &= wide.dtype == np.float32
         grid.dp_comm.Allreduce(MPI.IN_PLACE, [wide, MPI.FLOAT], op=MPI.SUM)
-        expected = (torch.from_numpy(wide) * (1.0 / dp)).to(torch.bfloat16)
-        equal &= torch.equal(p.grad, expected)
+        expected = torch.from_numpy(wide) * (1.0 / dp)
+        equal &= torch.equal(trainer.reducer.grad(p), expected)
     grid.free()
     return {"bf16_equal": bool(equal), "loss": 0.0, "grad": 0.0, "param": 0.0, "norm": 0.0,
             "clipped": True, "peak": [0], "bound": 0}  # fmt: skip

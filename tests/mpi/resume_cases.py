@@ -14,6 +14,7 @@ import torch
 from mpi4py import MPI
 
 from hpcpipe import data
+from hpcpipe.checkpoint.manifest import read_manifest
 from hpcpipe.config import build_config
 from hpcpipe.parallel.grid import Grid, Topology
 from hpcpipe.train import state as train_state
@@ -30,13 +31,13 @@ LAYOUTS = [(1, 4, 1, "1f1b"), (1, 2, 1, "gpipe"), (1, 3, 1, "zb-h1"), (1, 1, 1, 
            (1, 2, 2, "1f1b"), (2, 2, 1, "interleaved"), (2, 1, 2, "gpipe")]  # fmt: skip
 
 
-def config(dp, pp, tp, schedule, dtype, ckpt_dir, model="gpt2"):
+def config(dp, pp, tp, schedule, dtype, ckpt_dir, model="gpt2", zero=0):
     return build_config(
         {
             "model": MODELS[model],
             "train": {"global_batch": 8, "steps": STEPS, "dtype": dtype, "lr": 1e-2,
                       "warmup_steps": 1, "seed": 11},
-            "parallel": {"dp": dp, "pp": pp, "tp": tp, "timeout": 60},
+            "parallel": {"dp": dp, "pp": pp, "tp": tp, "timeout": 60, "zero": zero},
             "schedule": {"name": schedule, "microbatches": 2,
                          "virtual": 2 if schedule == "interleaved" else 1},
             "checkpoint": {"dir": str(ckpt_dir), "keep": 2},
@@ -63,6 +64,57 @@ def params_of(trainer) -> dict:
 
 
 RUNS = [("gpt2", "float64"), ("gpt2", "float32"), ("llama", "float64"), ("llama-tied", "float64")]
+# ZeRO: (dp, pp, tp, zero) legs of one run, each resuming the previous leg's checkpoint
+# (dp 2 -> 4 -> 1, zero 1 -> 1 -> 0 -> 1, pp and tp changing on the way).
+ZERO_LEGS = [(2, 2, 1, 1), (4, 1, 1, 1), (1, 2, 2, 0), (2, 1, 2, 1), (1, 1, 1, 0)]
+ZERO_STEPS = 2 * len(ZERO_LEGS)
+
+
+def on_ranks(world, size):
+    """A communicator of the first `size` ranks (COMM_NULL elsewhere)."""
+    return world.Split(0 if world.Get_rank() < size else MPI.UNDEFINED, world.Get_rank())
+
+
+def zero_chain(world, workdir, tokens, model) -> dict:
+    """Save and resume along ZERO_LEGS; the losses must equal one uninterrupted run."""
+    ckpt = workdir / f"zero-{model}"
+    base = trainer_on(world, config(2, 2, 1, "1f1b", "float64", ckpt, model, 1), tokens)
+    reference = run(base, ZERO_STEPS)
+    resumed = []
+    for leg, (dp, pp, tp, zero) in enumerate(ZERO_LEGS):
+        sub = on_ranks(world, dp * pp * tp)
+        if sub != MPI.COMM_NULL:
+            cfg = config(dp, pp, tp, "1f1b", "float64", ckpt, model, zero)
+            trainer = trainer_on(sub, cfg, tokens)
+            if leg:
+                train_state.restore(trainer, ckpt)
+            resumed += run(trainer, 2 * (leg + 1))
+            train_state.save(trainer, ckpt)
+            sub.Free()
+        world.Barrier()
+    return {"reference": reference, "resumed": resumed}
+
+
+def bf16_run(world, workdir, tokens, zero) -> dict:
+    """bf16 mixed precision (ZeRO or not): the checkpoint holds float32 masters, and a resume
+    on the same layout continues bitwise exactly."""
+    ckpt = workdir / f"bf16-zero{zero}"
+    cfg = config(2, 2, 1, "1f1b", "bfloat16", ckpt, "llama", zero)
+    base = trainer_on(world, cfg, tokens)
+    reference = run(base, STEPS)
+    final = params_of(base)
+    first = trainer_on(world, cfg, tokens)
+    run(first, SAVE_AT)
+    path = train_state.save(first, ckpt)
+    trainer = trainer_on(world, cfg, tokens)
+    train_state.restore(trainer, ckpt)
+    resumed = run(trainer, STEPS)
+    same = all(torch.equal(p, final[n]) for n, p in params_of(trainer).items())
+    same = all(world.allgather(same))
+    dtypes = sorted({t["dtype"] for t in read_manifest(path)["tensors"].values()})
+    half = any(p.dtype == torch.bfloat16 for p in trainer.params)
+    return {"reference": reference[SAVE_AT:], "resumed": resumed, "bitwise_params": same,
+            "saved_dtypes": dtypes, "params_bf16": half}  # fmt: skip
 
 
 def main():
@@ -97,6 +149,10 @@ def main():
                                     "bitwise_params": same_params}  # fmt: skip
                 sub.Free()
             world.Barrier()
+    for model in ("gpt2", "llama-tied"):
+        results[f"zero-chain-{model}"] = zero_chain(world, workdir, tokens, model)
+    for zero in (0, 1):
+        results[f"bf16-zero{zero}"] = bf16_run(world, workdir, tokens, zero)
     if world.Get_rank() == 0:
         Path(out).write_text(json.dumps(results, indent=1))
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from hpcpipe.models.api import (
     ModelConfig,
+    attention_core,
     embedding_blocks_head,
     hidden_states,
     mean_cross_entropy,
@@ -110,7 +111,10 @@ class CausalSelfAttention(nn.Module):
 
     The qkv rows are grouped per head ([q_h, k_h, v_h] for h = 0, 1, ...), as in Megatron, so
     the rows of any run of heads are one contiguous block: tensor parallelism takes a block.
+    The core (scores, softmax, weighted sum) is marked for selective recomputation.
     """
+
+    selective_recompute = False  # set by hpcpipe.models.api.enable_selective_recompute
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -124,9 +128,14 @@ class CausalSelfAttention(nn.Module):
         heads = qkv.shape[-1] // (3 * self.head_dim)  # fewer when tensor-parallel
         # (b, t, heads, 3, head_dim) -> three (b, heads, t, head_dim)
         qkv = qkv.view(b, t, heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        # checked: deterministic and matches a hand-written masked softmax in float64 on CPU
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+        y = attention_core(self, causal_attention, qkv[0], qkv[1], qkv[2])
         return self.proj(y.transpose(1, 2).reshape(b, t, heads * self.head_dim))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The attention core: softmax(q k^T / sqrt(head_dim) + causal mask) v, per head."""
+    # checked: deterministic and matches a hand-written masked softmax in float64 on CPU
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class MLP(nn.Module):

@@ -17,6 +17,7 @@ from torch import nn
 
 from hpcpipe.models.api import (
     ModelConfig,
+    attention_core,
     embedding_blocks_head,
     hidden_states,
     mean_cross_entropy,
@@ -237,7 +238,11 @@ class Attention(nn.Module):
 
     Key/value head j serves query heads j*rep..(j+1)*rep-1 (HF's repeat_kv). Head counts are
     read from the weight shapes, so a tensor-parallel rank holding some groups works as is.
+    The core (the key/value expansion, scores, softmax, weighted sum; not the rotary) is marked
+    for selective recomputation.
     """
+
+    selective_recompute = False  # set by hpcpipe.models.api.enable_selective_recompute
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -253,12 +258,16 @@ class Attention(nn.Module):
         q, k, v = (self._heads(proj(x), b, t) for proj in (self.wq, self.wk, self.wv))
         cos, sin = rotary(t, self.head_dim, self.theta, x, self.llama3)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = attention_core(self, self._core, q, k, v)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Grouped-query causal attention of rotated (b, heads, t, head_dim) q and k."""
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # the scale passed as HF passes it (head_dim ** -0.5), so the two agree bit for bit
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
-        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
 
     def _heads(self, x: torch.Tensor, b: int, t: int) -> torch.Tensor:
         """(b, t, heads * head_dim) -> (b, heads, t, head_dim)."""

@@ -1,0 +1,80 @@
+"""bf16 mixed precision against float32 and the old pure-bf16 storage, over a long run.
+
+Usage: python benchmarks/bench_precision.py [--steps 300] [--out DIR]
+
+float32 and bfloat16 (fp32 masters, fp32 gradient accumulation) run through `hpcpipe train`
+on 2 ranks (pp=2, the benchmark GPT of jobs/configs/benchmark.toml, its learning rate, the
+built-in text); the old pure-bf16 training (tests/precision_helpers.py) runs in one process
+on the same model, data and seed. Prints the final losses (last step, and the mean of the last
+20 steps) and each one's gap to float32, and the tokens/s of float32 vs bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+CONFIG = ROOT / "jobs" / "configs" / "benchmark.toml"
+
+
+def run_cli(dtype: str, steps: int, out: Path) -> list[dict]:
+    from hpcpipe.launch import mpi_env, mpiexec_command
+
+    metrics = out / f"{dtype}.jsonl"
+    cmd = mpiexec_command(2) + [sys.executable, "-m", "hpcpipe", "train", "--config",
+                                str(CONFIG), f"--train.steps={steps}", f"--train.dtype={dtype}",
+                                "--train.log_every=50", "--metrics", str(metrics)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, env=mpi_env(), check=True)
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def run_pure_bf16(steps: int) -> list[float]:
+    import torch
+    from precision_helpers import PureHalfTrainer
+
+    from hpcpipe.config import load_config
+
+    torch.set_num_threads(2)
+    config = load_config(CONFIG, {"train.steps": str(steps)})
+    trainer = PureHalfTrainer(config)
+    losses = []
+    for _ in range(steps):
+        losses.append(trainer.forward_backward())
+        trainer.finish_step()
+    return losses
+
+
+def tail_mean(values: list[float], n: int = 20) -> float:
+    return sum(values[-n:]) / len(values[-n:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--out", default="/tmp/bench_precision")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {dtype: run_cli(dtype, args.steps, out) for dtype in ("float32", "bfloat16")}
+    curves = {dtype: [r["loss"] for r in records] for dtype, records in runs.items()}
+    curves["pure-bfloat16"] = run_pure_bf16(args.steps)
+    (out / "curves.json").write_text(json.dumps(curves))
+    ref_last, ref_tail = curves["float32"][-1], tail_mean(curves["float32"])
+    print(f"{'run':<14} {'last loss':>10} {'gap':>8} {'mean last 20':>13} {'gap':>8}")
+    for name, losses in curves.items():
+        last, tail = losses[-1], tail_mean(losses)
+        print(f"{name:<14} {last:>10.4f} {100 * (last / ref_last - 1):>7.2f}% "
+              f"{tail:>13.4f} {100 * (tail / ref_tail - 1):>7.2f}%")  # fmt: skip
+    for dtype, records in runs.items():
+        speeds = sorted(r["tokens_per_s"] for r in records[5:])
+        print(f"{dtype}: median {speeds[len(speeds) // 2]:,.0f} tokens/s (pp=2, 2 ranks)")
+
+
+if __name__ == "__main__":
+    main()
