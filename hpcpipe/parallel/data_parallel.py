@@ -25,7 +25,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from hpcpipe.parallel.p2p import _message, wait_politely
+from hpcpipe.parallel.p2p import _message, cuda_aware_mpi, wait_politely
 
 _WIDE = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
 
@@ -64,6 +64,7 @@ class Bucket:
         self.grad_shard = self.grad.new_zeros(size) if separate else self.grad[: self.shard[1]]
         self.pending = len(params)
         self.request = None
+        self.host = None  # host copies while a staged reduction is in flight
 
     def cast(self, dtype: torch.dtype) -> None:
         """Store the parameters in `dtype` (16-bit compute); the gradients keep their dtype."""
@@ -111,6 +112,8 @@ class GradReducer:
         self.comm, self.microbatches, self.timeout = comm, microbatches, timeout
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
         self.zero = bool(zero)
+        # Device buffers go to MPI directly only when it is CUDA-aware; else through host copies.
+        self.staged = bool(params) and params[0].device.type != "cpu" and not cuda_aware_mpi()
         extra = {id(p) for p in isolate}
         self.required = {id(p): microbatches + (id(p) in extra) for p in params}
         self.buckets = self._make_buckets(params, bucket_mb * 2**20, extra)
@@ -179,12 +182,18 @@ class GradReducer:
             bucket.fold(i)
         if self.size == 1:
             bucket.request = True
-        elif self.zero:
+            return
+        grad, shard = bucket.grad, bucket.grad_shard
+        if self.staged:  # NOTE: .cpu() waits for the stream that produced the gradients
+            grad = grad.cpu()
+            shard = shard.cpu() if self.zero else grad
+            bucket.host = (grad, shard)
+        if self.zero:
             bucket.request = self.comm.Ireduce_scatter_block(
-                _message(bucket.grad), _message(bucket.grad_shard), op=MPI.SUM
+                _message(grad), _message(shard), op=MPI.SUM
             )
         else:
-            bucket.request = self.comm.Iallreduce(MPI.IN_PLACE, _message(bucket.grad), op=MPI.SUM)
+            bucket.request = self.comm.Iallreduce(MPI.IN_PLACE, _message(grad), op=MPI.SUM)
 
     def finish(self) -> float:
         """Wait for every bucket (launching any not yet started); this rank's shard of each
@@ -197,6 +206,9 @@ class GradReducer:
             if bucket.request is True:
                 continue
             self._wait(bucket.request, bucket.nbytes(), deadline, "gradient reduction")
+            if self.staged:
+                bucket.grad_shard.copy_(bucket.host[1][: bucket.grad_shard.numel()])
+                bucket.host = None
             bucket.grad_shard.mul_(1.0 / self.size)
         waited = time.perf_counter() - start
         self.wait_seconds += waited
@@ -208,12 +220,13 @@ class GradReducer:
             return 0.0
         start = time.perf_counter()
         deadline = time.monotonic() + self.timeout
-        requests = [
-            self.comm.Iallgather(MPI.IN_PLACE, _message(b.param)) for b in self.buckets
-        ]  # fmt: skip
-        for bucket, request in zip(self.buckets, requests, strict=True):
+        buffers = [b.param.cpu() if self.staged else b.param for b in self.buckets]
+        requests = [self.comm.Iallgather(MPI.IN_PLACE, _message(buf)) for buf in buffers]
+        for bucket, buffer, request in zip(self.buckets, buffers, requests, strict=True):
             nbytes = bucket.param.numel() * bucket.param.element_size()
             self._wait(request, nbytes, deadline, "parameter all-gather")
+            if buffer is not bucket.param:
+                bucket.param.copy_(buffer)
         waited = time.perf_counter() - start
         self.wait_seconds += waited
         return waited

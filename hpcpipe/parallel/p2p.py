@@ -173,6 +173,10 @@ class BufferPool:
         self._made[id(buffer)] = (buffer, key, _message(buffer))
         return buffer
 
+    def buffers(self) -> list[torch.Tensor]:
+        """Every buffer the pool made (memory accounting)."""
+        return [buffer for buffer, _, _ in self._made.values()]
+
     def message(self, buffer: torch.Tensor) -> list:
         """The cached [buffer, datatype] of a pooled tensor."""
         return self._made[id(buffer)][2]
@@ -217,6 +221,10 @@ class P2P:
         self.tag_ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
         self.rank = self.comm.Get_rank()
         self._comm_isend = self.comm.Isend  # bound once: isend is on every hop's critical path
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The receive buffers this endpoint holds (memory accounting)."""
+        return self.pool.buffers()
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         """Start sending; the tensor is kept alive until the send completes."""

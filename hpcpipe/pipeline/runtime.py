@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class StepResult:
     busy_seconds: float  # time inside forward/backward compute
     wait_seconds: float  # time blocked on peers
     peak_activations: int  # most micro-batches whose activations were held at once
+    peak_activation_bytes: int = 0  # memory_meter's peak over the step (0 without a meter)
 
 
 @dataclass
@@ -41,6 +43,8 @@ class _MicroState:
     recv_input: Transfer | None = None  # posted by RECV_F
     recv_grad: Transfer | None = None  # posted by RECV_B
     weight_work: list | None = None  # deferred weight gradients (split backward), run by W
+    memory: list | None = None  # memory_meter holds (input, what W needs): until released
+    memory_output: object | None = None  # memory_meter hold of the output: until B
 
 
 @dataclass
@@ -60,7 +64,10 @@ class PipelineRuntime:
     dtype: torch.dtype
     device: torch.device
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    recompute: bool = False
+    # "false" | "full" | "selective" (config.recompute_mode); legacy bools: True = "full".
+    # Only "full" changes what the runtime does (keep stage inputs, rerun forward in backward);
+    # "selective" lives in the stage modules (models.api.enable_selective_recompute).
+    recompute: bool | str = False
     fail_at: str | None = None  # "STEP:ACTION" to raise there (fault-injection tests)
     weight_store: WeightGradStore | None = None  # set: B computes input grads, W weight grads
     step_index: int = 0
@@ -69,10 +76,26 @@ class PipelineRuntime:
         None  # fault.FaultInjection (HPCPIPE_FAULT) and this rank's world rank
     )
     world_rank: int = 0
+    # train.memory.SavedTensorMeter: counts every tensor saved in a stage forward and what the
+    # runtime keeps per micro-batch; StepResult.peak_activation_bytes is its peak
+    memory_meter: object | None = None
 
     def rank_of(self, stage: int) -> int:
         """Pipeline rank that holds a global stage."""
         return stage % self.pp_size
+
+    @property
+    def _full_recompute(self) -> bool:
+        """Whether this runtime recomputes whole stages (mode "full", or the legacy True)."""
+        mode = self.recompute
+        if mode is True or mode == "full":
+            return True
+        if mode in (False, None, "false", "selective"):
+            return False
+        raise ValueError(
+            f"PipelineRuntime.recompute={mode!r} is not one of False, 'false', 'full', "
+            "'selective' (normalise config values with hpcpipe.config.recompute_mode)"
+        )
 
     def step(self, microbatches: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]):
         """Run every action once for these (inputs, targets) micro-batches; gradients accumulate."""
@@ -82,6 +105,12 @@ class PipelineRuntime:
         self._busy = 0.0
         self._m = len(microbatches)
         self._loss = torch.zeros((), dtype=torch.float64)
+        meter = self.memory_meter
+        if meter is not None:  # parameters, buffers and the token batch are no activations
+            meter.ignore(t for stage in self.stages.values() for t in stage.parameters())
+            meter.ignore(t for stage in self.stages.values() for t in stage.buffers())
+            meter.ignore(t for pair in microbatches for t in pair)
+            meter.reset()
         waited_before = self.p2p.wait_seconds if self.p2p else 0.0
         for index, action in enumerate(self.actions):
             try:
@@ -96,7 +125,8 @@ class PipelineRuntime:
             self.p2p.flush()
         waited = (self.p2p.wait_seconds if self.p2p else 0.0) - waited_before
         self.step_index += 1
-        return StepResult(float(self._loss), self._busy, waited, self._peak)
+        peak_bytes = meter.peak if meter is not None else 0
+        return StepResult(float(self._loss), self._busy, waited, self._peak, peak_bytes)
 
     # --- one action ---------------------------------------------------------------------------
 
@@ -126,19 +156,30 @@ class PipelineRuntime:
         return upstream.detach().requires_grad_()
 
     def _stage_forward(self, stage: int, mb: int, inputs: torch.Tensor) -> torch.Tensor:
-        """Module forward, plus the scaled loss on the last stage."""
-        out = self.stages[stage](inputs)
-        if self._is_last(stage):
-            target = self._micro[mb][1].to(self.device)
-            return self.loss_fn(out, target) / self._m
+        """Module forward, plus the scaled loss on the last stage (counted by memory_meter)."""
+        meter = self.memory_meter
+        with meter if meter is not None else contextlib.nullcontext():
+            out = self.stages[stage](inputs)
+            if self._is_last(stage):
+                target = self._micro[mb][1].to(self.device)
+                out = self.loss_fn(out, target) / self._m
+        if meter is not None:
+            self._hold(meter, stage, mb, inputs, out)
         return out
+
+    def _hold(self, meter, stage: int, mb: int, inputs: torch.Tensor, out: torch.Tensor) -> None:
+        """The micro-batch keeps its input until released, its output (with grad) until B."""
+        st = self._st(stage, mb)
+        st.memory = [*(st.memory or ()), meter.hold(inputs)]
+        if torch.is_grad_enabled():  # a no-grad forward's output is sent or passed on
+            st.memory_output = meter.hold(out)
 
     def _forward(self, stage: int, mb: int) -> None:
         st = self._st(stage, mb)
         st.inputs = self._forward_input(stage, mb)
         start = self._compute_start = time.perf_counter()  # after any wait for the input
         # NOTE: the model has no dropout, so recomputation needs no saved RNG state.
-        with torch.set_grad_enabled(not self.recompute):
+        with torch.set_grad_enabled(not self._full_recompute):
             out = self._stage_forward(stage, mb, st.inputs)
         if self._is_last(stage):
             st.loss = out
@@ -166,7 +207,7 @@ class PipelineRuntime:
             raise RuntimeError(f"{stage}B{mb} runs before {stage}F{mb}")
         grad = self._output_grad(stage, mb)
         start = self._compute_start = time.perf_counter()  # after any wait for the gradient
-        if self.recompute:
+        if self._full_recompute:
             with torch.enable_grad():
                 out = self._stage_forward(stage, mb, st.inputs)
         else:
@@ -182,6 +223,10 @@ class PipelineRuntime:
         self._busy += time.perf_counter() - start
         st.input_grad = st.inputs.grad if stage > 0 else None
         st.outputs = st.loss = None
+        st.memory_output = None
+        if split and self.memory_meter is not None:  # what W needs stays until W
+            held = self.memory_meter.hold_closures(st.weight_work, st.inputs.grad)
+            st.memory = [*(st.memory or ()), held]
         self._drop_next_input_grad(stage, mb)
         if not split:
             self._release(st)
@@ -210,6 +255,7 @@ class PipelineRuntime:
                 self.p2p.release(transfer)
         st.recv_input = st.recv_grad = None
         st.inputs = None
+        st.memory = None
         self._held -= 1
 
     # --- communication ------------------------------------------------------------------------
@@ -221,7 +267,7 @@ class PipelineRuntime:
         st = self._st(stage, mb)
         dest = stage + 1
         self.p2p.isend(st.outputs, self.rank_of(dest), self._tag(mb, dest, FORWARD))
-        if self.recompute:
+        if self._full_recompute:
             st.outputs = None  # backward recomputes it
 
     def _send_backward(self, stage: int, mb: int) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from mpi4py import MPI
 
 from hpcpipe import data
 from hpcpipe.config import Config, ConfigError, check_world
@@ -27,7 +28,7 @@ from hpcpipe.pipeline.partition import Partition, PartitionError, partition_laye
 from hpcpipe.pipeline.runtime import PipelineRuntime, StepResult
 from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Schedule, ScheduleError, build_schedule
 from hpcpipe.pipeline.zero_bubble import WeightGradStore, enable_split_backward
-from hpcpipe.train import fault, optim
+from hpcpipe.train import fault, memory, optim
 from hpcpipe.train.precision import HALF, MasterOptimizer
 
 TORCH_DTYPES = {
@@ -134,6 +135,7 @@ class PipelineTrainer:
         self.step_index = 0
         self._multiplier = 1.0  # the loss scale of the step being run
         self.sampler, self.tokens = self._build_data(tokens)
+        self.memory = memory.MemoryMonitor(self.device)
         self.runtime = PipelineRuntime(
             stages=self.stages,
             actions=blueprint.schedule[self.pp_rank],
@@ -151,6 +153,7 @@ class PipelineTrainer:
             weight_store=self.weight_store,
             fault_injection=fault.injection_from_env(),
             world_rank=launch_rank(),
+            memory_meter=self.memory.meter,
         )
         self.stop_request: fault.StopRequest | None = None
 
@@ -190,8 +193,21 @@ class PipelineTrainer:
             "params": [b.param for b in buckets],
             "grads": [b.grad for b in buckets] + shards,
             "optimizer": self.master.tensors(),
-            "comm": self.runtime.p2p.buffers() if hasattr(self.runtime.p2p, "buffers") else [],
+            "comm": self.runtime.p2p.buffers(),
         }
+
+    def measured_memory(self) -> dict[str, int]:
+        """This step's measured bytes by kind, of the rank holding the most (collective)."""
+        mine = self.memory.measure(self.memory_tensors())
+        values = torch.tensor([mine[k] for k in memory.MEASURED_KEYS], dtype=torch.float64)
+        allreduce_(self.grid.cart, values, op=MPI.MAX, timeout=self.config.parallel.timeout)
+        return {k: int(v) for k, v in zip(memory.MEASURED_KEYS, values.tolist(), strict=True)}
+
+    def predicted_memory(self) -> dict:
+        """This rank's predicted bytes (memory.predict_rank with its own local parameters)."""
+        return memory.predict_rank(
+            self.blueprint, self.config, self.pp_rank, self.params, device=self.device
+        )
 
     def grad_fragments(self):
         """(global name, fragment) of the reduced gradients this rank owns (after a step's
@@ -253,6 +269,7 @@ class PipelineTrainer:
             p.grad = None
         self.runtime.step_index = self.step_index
         self.reducer.start_step()
+        self.memory.begin_step(self.memory_tensors())
         self._multiplier = self.loss_multiplier()
         result = self.runtime.step(self.next_microbatches())
         # Tied copies are summed before the dp reduction (a sum either way; under ZeRO the
@@ -265,6 +282,7 @@ class PipelineTrainer:
                 for p in group.copies:
                     self.reducer.grad_ready(p)
         result.wait_seconds += self.reducer.finish()
+        self.memory.after_backward(self.memory_tensors())
         return result
 
     def finish_step(self, result: StepResult) -> dict:
@@ -312,6 +330,7 @@ class PipelineTrainer:
             step_time=step_time,
             peak_activations=result.peak_activations,
         )
+        record["memory"] = self.measured_memory()
         if stats[3] > 0:
             record["stop_requested"] = True  # some rank got SIGTERM/SIGUSR1: all stop together
         return record
