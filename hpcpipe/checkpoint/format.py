@@ -51,6 +51,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupt or does not fit what is asked of it."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """A sound checkpoint of another model: a wanted tensor is absent or has another shape."""
+
+
 @dataclass(frozen=True)
 class Shard:
     """This rank's piece of one global tensor."""

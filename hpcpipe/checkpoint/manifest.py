@@ -23,6 +23,7 @@ from hpcpipe.checkpoint.format import (
     READABLE_VERSIONS,
     RESERVED,
     CheckpointError,
+    CheckpointMismatch,
     Shard,
     check_shard,
 )
@@ -124,9 +125,9 @@ def check_wanted(step_dir: Path, manifest: dict, name: str, gshape, offsets, sha
     """The tensor's manifest entry, after checking the wanted slice against it."""
     entry = manifest["tensors"].get(name)
     if entry is None:
-        raise CheckpointError(f"{step_dir}: no tensor {name!r} in the checkpoint")
+        raise CheckpointMismatch(f"{step_dir}: no tensor {name!r} in the checkpoint")
     if list(entry["global_shape"]) != list(gshape):
-        raise CheckpointError(
+        raise CheckpointMismatch(
             f"{step_dir}: tensor {name}: saved global shape {tuple(entry['global_shape'])}, "
             f"wanted {tuple(gshape)}"
         )

@@ -65,6 +65,16 @@ def list_steps(run_root: str | Path) -> list[tuple[int, Path]]:
     return sorted(s for s in found if s[1].is_dir())
 
 
+def committed_steps(run_root: str | Path) -> list[tuple[int, Path]]:
+    """(step, step directory) of every committed step of one run, NEWEST first; reads no shard.
+
+    A step_<N> folder exists only once committed (save_checkpoint renames it into place after
+    its manifest is durable), so this is what `--resume auto` tries, in this order: each rank
+    then checks what it loads (every piece's checksum) and a damaged step fails there.
+    """
+    return list(reversed(list_steps(run_root)))
+
+
 def list_runs(root_dir: str | Path) -> list[Path]:
     """Run roots under root_dir (directories with a step_<N> or a `latest`), sorted."""
     root = Path(root_dir)
@@ -123,6 +133,11 @@ def load_checkpoint(
     with ShardFiles(step_dir) as files:
         for name, gshape, offsets, shape in wanted:
             entry = check_wanted(step_dir, manifest, name, gshape, offsets, shape)
+            # NOTE: the manifest has no checksum of its own: pieces it places wrongly (an
+            # overlap and a gap of the same size) would otherwise fill the slice silently.
+            problem = coverage_problem(name, entry)
+            if problem:
+                raise CheckpointError(f"{step_dir}: {problem}")
             out[name] = assemble(files, name, entry, offsets, shape, into.get(name))
     return manifest, {name: t.to(device) for name, t in out.items()}
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 
 import torch
+from mpi4py import MPI
 
 from hpcpipe.checkpoint import store as checkpoint
+from hpcpipe.checkpoint.format import CheckpointError, CheckpointMismatch
 from hpcpipe.config import Config
 from hpcpipe.parallel.grid import Grid, Topology
+from hpcpipe.parallel.p2p import allreduce_, wait_politely
 from hpcpipe.pipeline import trace as tracing
-from hpcpipe.train import fault, recovery
+from hpcpipe.train import fault, memory, recovery
 from hpcpipe.train import state as train_state
 from hpcpipe.train.trainer import PipelineTrainer, describe_run, make_blueprint, pick_device
 
@@ -29,7 +31,8 @@ def train(
     """Train until config.train.steps; rank 0 prints and writes metrics.
 
     With trace_path, the last step is traced (every action's start and end on every rank).
-    resume: None, "auto" (newest valid checkpoint in checkpoint.dir) or a checkpoint path.
+    resume: None, "auto" (the newest committed checkpoint in checkpoint.dir that every rank
+    loads; step 0 on fresh weights when none does) or a checkpoint path (must load).
     init_from: an hpcpipe checkpoint or Hugging Face folder whose weights start the run (step
     0) when resume finds no checkpoint; config.model must be the one it describes (see
     hpcpipe.train.init_from.load_config).
@@ -76,23 +79,95 @@ def trace_step(trainer: PipelineTrainer, path: str) -> dict:
     return record
 
 
-def resume_point(config: Config, comm, resume: str | None, echo) -> str | None:
-    """The checkpoint to start from: --resume PATH, or the newest valid one for `auto`."""
+def _polite(comm, timeout: float, what: str) -> None:
+    """A barrier that sleeps while it waits and gives up after `timeout` (a dead rank)."""
+    wait_politely(
+        comm.Ibarrier(),
+        time.monotonic() + timeout,
+        lambda: f"resume: not every rank reached '{what}' within {timeout:.0f} s",
+    )
+
+
+def resume_candidates(config: Config, comm, resume: str | None) -> list[str]:
+    """The checkpoints to try, newest first: [PATH] for --resume PATH; for `auto` every
+    committed step of checkpoint.dir, listed by rank 0 (no shard is read) and broadcast, so
+    every rank tries the same ones even where a shared file system shows them late."""
     if not resume:
-        return None
+        return []
     if resume != "auto":
-        return resume
-    found = None
+        return [resume]
+    listed = None
     if comm.Get_rank() == 0:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            found = checkpoint.find_latest_valid(config.checkpoint.dir)
-        for warning in caught:
-            echo(f"hpcpipe: warning: {warning.message}")
-        if found is None:
-            echo(f"hpcpipe: no valid checkpoint in {config.checkpoint.dir}; starting at step 0")
-    found = comm.bcast(str(found) if found else None, root=0)
-    return found
+        try:
+            listed = [str(p) for _, p in checkpoint.committed_steps(config.checkpoint.dir)]
+        except OSError as exc:  # reported on every rank, not only here
+            listed = f"{type(exc).__name__}: {exc}"
+    _polite(comm, config.parallel.timeout, "checkpoint list")
+    listed = comm.bcast(listed, root=0)
+    if isinstance(listed, str):
+        raise CheckpointError(f"cannot list the checkpoints in {config.checkpoint.dir}: {listed}")
+    return listed
+
+
+def _short(error: str, limit: int = 400) -> str:
+    return error if len(error) <= limit else error[: limit - 3] + "..."
+
+
+def restore_agreed(trainer: PipelineTrainer, path: str) -> tuple[dict | None, str | None]:
+    """Collective: every rank restores `path` (checking each piece it reads), then one
+    MIN-reduction of an ok flag decides for all: (manifest, None) when every rank loaded it,
+    else (None, "rank R: error; ...") on every rank. A failed load may have written some
+    parameters and optimizer state in place: restore again, or build a fresh trainer.
+    NOTE: the restore must not communicate (derive=False): a rank that fails early would
+    miss it; the parameters are derived from the masters after the verdict.
+    """
+    comm, timeout = trainer.grid.cart, trainer.config.parallel.timeout
+    meta, error, mismatch = None, None, False
+    try:
+        meta = train_state.restore(trainer, path, derive=False)
+    except MPI.Exception:
+        raise  # a process failure: the ULFM recovery's (train_recovering) to handle
+    except Exception as exc:  # noqa: BLE001 - any failure to load steps back, on every rank
+        error = _short(f"{type(exc).__name__}: {exc}")
+        mismatch = isinstance(exc, CheckpointMismatch)
+    # 1: loaded; 0: unreadable or corrupt here; -1: a sound checkpoint of another model
+    ok = torch.tensor([-1 if mismatch else 0 if error else 1], dtype=torch.int32)
+    allreduce_(comm, ok, op=MPI.MIN, timeout=timeout)
+    if int(ok.item()) == -1:
+        raise CheckpointMismatch(
+            f"checkpoint {path} does not fit this run's model: {error or 'on another rank'}; "
+            "refusing to start over at step 0 (its later saves would prune this one). Resume "
+            "with the config it was saved with (its manifest.json holds it) or set "
+            "checkpoint.dir to a new folder"
+        )
+    if int(ok.item()) == 1:
+        train_state.derive_params(trainer)  # collective: only once every rank has loaded
+        return meta, None
+    _polite(comm, timeout, "restore verdict")  # only on the failure path
+    errors = comm.allgather(error)
+    by_error: dict[str, list[int]] = {}
+    for rank, e in enumerate(errors):
+        if e:
+            by_error.setdefault(e, []).append(rank)
+    return None, "; ".join(
+        f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {e}"
+        for e, r in by_error.items()
+    )
+
+
+def resume_newest(trainer: PipelineTrainer, candidates: list[str], say):
+    """(path, manifest) of the first candidate every rank restores, or (None, None).
+
+    Warns once (rank 0) about each candidate skipped: which ranks failed and why.
+    """
+    rng = torch.get_rng_state()  # a skipped restore may have set it on the ranks that loaded
+    for path in candidates:
+        meta, failed = restore_agreed(trainer, path)
+        if meta is not None:
+            return path, meta
+        torch.set_rng_state(rng)
+        say(f"hpcpipe: warning: skipping checkpoint {path}: {failed}")
+    return None, None
 
 
 def train_on(
@@ -101,6 +176,9 @@ def train_on(
     """Build this rank's trainer on `comm`, resume (or init from weights) if asked, and run.
 
     holder["grid"] is set so a failure handler can revoke the communicators in use.
+    `--resume auto` tries the committed checkpoints newest first (every rank checks what it
+    loads; the ranks agree after each one); when none loads, the run starts at step 0 on a
+    freshly built trainer. An explicit --resume PATH that fails raises on every rank.
     """
     blueprint = make_blueprint(config, comm.Get_size())
     torch.set_num_threads(config.train.threads)
@@ -108,14 +186,39 @@ def train_on(
     grid = Grid(comm, Topology.parse(p.dp, p.pp, p.tp, p.order))
     if holder is not None:
         holder["grid"] = grid
-    trainer = PipelineTrainer(config, grid, blueprint, device=pick_device(config, comm))
-    trainer.stop_request = stop
+    device = pick_device(config, comm)
+    fresh_rng = torch.get_rng_state()
+
+    def build() -> PipelineTrainer:  # collective (the tied groups' communicators)
+        built = PipelineTrainer(config, grid, blueprint, device=device)
+        built.stop_request = stop
+        return built
+
+    trainer = build()
     leader = grid.world_rank == 0
     say = echo if leader else (lambda _: None)
     say(describe_run(config, blueprint, comm.Get_size()))
-    start = resume_point(config, comm, resume, say)
+    say_predicted_memory(trainer, say)
+    candidates = resume_candidates(config, grid.cart, resume)
+    start, meta = None, None
+    if resume and resume != "auto":
+        meta, failed = restore_agreed(trainer, resume)
+        if meta is None:
+            raise CheckpointError(f"cannot resume from {resume}: {failed}")
+        start = resume
+    elif candidates:
+        start, meta = resume_newest(trainer, candidates, say)
+        if start is None:
+            # NOTE: the failed loads wrote some parameters and moments in place: rebuild.
+            trainer = None
+            torch.set_rng_state(fresh_rng)
+            trainer = build()
+            say(f"hpcpipe: warning: none of the {len(candidates)} checkpoint(s) in "
+                f"{config.checkpoint.dir} could be restored; starting at step 0 with freshly "
+                "initialised weights")  # fmt: skip
+    elif resume:
+        say(f"hpcpipe: no checkpoint in {config.checkpoint.dir}; starting at step 0")
     if start:
-        meta = train_state.restore(trainer, start)
         changed = train_state.check_layout_change(meta, config)
         moved = f" onto a new layout ({', '.join(changed)})" if changed else ""
         since = holder.pop("failed_at", None) if holder else None
@@ -171,10 +274,24 @@ def maybe_save(trainer: PipelineTrainer, last: bool, say, force: bool = False) -
         say(f"hpcpipe: checkpoint {path}")
 
 
+def say_predicted_memory(trainer: PipelineTrainer, say) -> None:
+    """Rank 0 prints each pipeline rank's predicted memory (collective over the grid)."""
+    g = trainer.grid
+    mine = None
+    if g.dp_rank == 0 and g.tp_rank == 0:  # one rank per pipeline stage predicts its own
+        mine = {k: v for k, v in trainer.predicted_memory().items() if k != "per_microbatch"}
+    gathered = g.cart.gather(mine, root=0)
+    if g.world_rank == 0:
+        say(memory.describe(sorted((p for p in gathered if p), key=lambda p: p["pp_rank"])))
+
+
 def format_record(record: dict, steps: int) -> str:
     """One progress line."""
+    norm = record["grad_norm"]
+    norm = "skipped (overflow)" if norm is None else f"{norm:.3f}"
+    scale = f" | loss scale {record['loss_scale']:g}" if "loss_scale" in record else ""
     return (
         f"step {record['step']:>5}/{steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-        f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-        f"bubble {record['bubble']:.3f}"
+        f"grad_norm {norm} | {record['tokens_per_s']:,.0f} tok/s | "
+        f"bubble {record['bubble']:.3f}{scale}"
     )

@@ -172,9 +172,13 @@ def _flat_range(loaded: torch.Tensor, f, local, dtype) -> torch.Tensor:
     return full.reshape(-1)[f.start : f.stop]
 
 
-def restore(trainer, path) -> dict:
+def restore(trainer, path, derive: bool = True) -> dict:
     """Load master weights, AdamW state, sampler position and step from any layout's
-    checkpoint (any dp, pp, tp, zero); the model parameters are derived from the masters."""
+    checkpoint (any dp, pp, tp, zero); the model parameters are derived from the masters.
+
+    derive=False loads without communicating (the ranks agree on the outcome first); then
+    call derive_params (collective under ZeRO: an all-gather) once every rank has loaded.
+    """
     meta, tensors = load_checkpoint(path, _wanted(trainer))
     with torch.no_grad():
         for f in trainer.master.fragments:
@@ -188,7 +192,8 @@ def restore(trainer, path) -> dict:
             }
             state["step"] = tensors[f"optim.step/{stored}"].to(torch.float32).reshape(())
             trainer.master.set_state(f, state)
-        trainer.master.refresh_params()
+    if derive:
+        derive_params(trainer)
     trainer.step_index = meta["lr_schedule"]["step"]
     trainer.master.scaler.load_state_dict(meta.get("loss_scaler"))
     if trainer.sampler is not None:
@@ -198,6 +203,11 @@ def restore(trainer, path) -> dict:
         raw = base64.b64decode(rngs[trainer.grid.world_rank])
         torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
     return meta
+
+
+def derive_params(trainer) -> None:
+    """The model parameters from the restored masters (cast; all-gathered under ZeRO)."""
+    trainer.master.refresh_params()
 
 
 def check_layout_change(saved: dict, config) -> list[str]:
