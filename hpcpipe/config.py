@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hpcpipe.models import DEFAULT_ARCH, UnknownModelError, get_spec
 from hpcpipe.models.api import ModelConfig, supports_selective_recompute
 from hpcpipe.models.gpt2 import GPT2Config
@@ -147,7 +149,15 @@ SHORT_FLAGS = {
     "seed": "train.seed",
 }
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
+# The one dtype table: train.dtype names -> torch dtypes. 16-bit runs use mixed precision.
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPES = tuple(TORCH_DTYPES)
+HALF = (torch.bfloat16, torch.float16)
 
 
 _SECTIONS = {

@@ -30,16 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hpcpipe.config import HALF
+from hpcpipe.config import TORCH_DTYPES as DTYPES
 from hpcpipe.models import api
 from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Action, Kind
 
-DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-HALF = (torch.bfloat16, torch.float16)
 FP32 = 4  # bytes of a float32
 # The measured record's keys, in the order a MAX-reduction vector carries them.
 MEASURED_KEYS = ("params", "grads", "optimizer", "activations", "total")

@@ -20,11 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hpcpipe.config import TrainSection
+from hpcpipe.config import HALF, TrainSection
 from hpcpipe.parallel.data_parallel import Bucket, GradReducer
 from hpcpipe.train import optim
-
-HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass

@@ -10,11 +10,10 @@ import copy
 import torch
 
 from hpcpipe import data
-from hpcpipe.config import Config
+from hpcpipe.config import HALF, TORCH_DTYPES, Config
 from hpcpipe.models import get_spec
 from hpcpipe.models.api import build_model
 from hpcpipe.train import optim
-from hpcpipe.train.trainer import TORCH_DTYPES
 
 
 class SerialTrainer:
@@ -26,7 +25,7 @@ class SerialTrainer:
         self.spec = get_spec(config.model.arch)
         # 16-bit: `model` holds the float32 masters the optimizer updates; `compute` is their
         # 16-bit copy that runs forward and backward (re-derived after every step).
-        master = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        master = torch.float32 if dtype in HALF else dtype
         self.model = build_model(self.spec, config.model, config.train.seed).to(dtype=master)
         self.compute = copy.deepcopy(self.model).to(dtype=dtype) if master != dtype else self.model
         self.optimizer = optim.make_adamw(self.model.named_parameters(), config.train)

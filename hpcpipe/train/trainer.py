@@ -10,7 +10,7 @@ import torch
 from mpi4py import MPI
 
 from hpcpipe import data
-from hpcpipe.config import Config, ConfigError, check_world
+from hpcpipe.config import HALF, TORCH_DTYPES, Config, ConfigError, check_world
 from hpcpipe.models import get_spec
 from hpcpipe.models.api import (
     ModelSpec,
@@ -29,14 +29,7 @@ from hpcpipe.pipeline.runtime import PipelineRuntime, StepResult
 from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Schedule, ScheduleError, build_schedule
 from hpcpipe.pipeline.zero_bubble import WeightGradStore, enable_split_backward
 from hpcpipe.train import fault, memory, optim
-from hpcpipe.train.precision import HALF, MasterOptimizer
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+from hpcpipe.train.precision import MasterOptimizer
 
 
 def master_dtype(dtype: torch.dtype) -> torch.dtype:
