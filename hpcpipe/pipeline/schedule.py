@@ -13,7 +13,7 @@ import enum
 import io
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -549,21 +549,22 @@ def _counterpart(a: Action) -> Action:
     return Action(_peer_stage(a), twin[a.kind], a.microbatch)
 
 
+def peak_microbatches(actions: Sequence[Action]) -> int:
+    """Most micro-batches one rank's actions hold at once: from F until W (or B if no W)."""
+    has_w = {(a.stage, a.microbatch) for a in actions if a.kind == Kind.W}
+    live = peak = 0
+    for a in actions:
+        if a.kind == Kind.F:
+            live += 1
+        elif a.kind == Kind.W or (a.kind == Kind.B and (a.stage, a.microbatch) not in has_w):
+            live -= 1
+        peak = max(peak, live)
+    return peak
+
+
 def _peak_activations(schedule: Schedule, K: int) -> dict[int, int]:
-    """Max over time of micro-batches held on each rank: from F until W (or B if no W)."""
-    peaks = {}
-    for rank in range(K):
-        actions = schedule.get(rank, [])
-        has_w = {(a.stage, a.microbatch) for a in actions if a.kind == Kind.W}
-        live = peak = 0
-        for a in actions:
-            if a.kind == Kind.F:
-                live += 1
-            elif a.kind == Kind.W or (a.kind == Kind.B and (a.stage, a.microbatch) not in has_w):
-                live -= 1
-            peak = max(peak, live)
-        peaks[rank] = peak
-    return peaks
+    """Max over time of micro-batches held on each rank."""
+    return {rank: peak_microbatches(schedule.get(rank, [])) for rank in range(K)}
 
 
 def validate(schedule: Schedule, K: int, M: int, V: int = 1) -> ValidationReport:

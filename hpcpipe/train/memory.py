@@ -33,7 +33,7 @@ from torch import nn
 from hpcpipe.config import HALF
 from hpcpipe.config import TORCH_DTYPES as DTYPES
 from hpcpipe.models import api
-from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Action, Kind
+from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Action, Kind, peak_microbatches
 
 FP32 = 4  # bytes of a float32
 # The measured record's keys, in the order a MAX-reduction vector carries them.
@@ -86,7 +86,7 @@ class _Saved:
         self.meter, self.key, self.tensor = meter, key, tensor
 
     def __del__(self):
-        self.meter._drop(self.key)
+        self.meter.release(self.key)
 
 
 def _unpack(packed):
@@ -105,13 +105,42 @@ class Hold:
         """Stop counting (idempotent); dropping the last reference does the same."""
         keys, self.keys = self.keys, []
         for key in keys:
-            self.meter._drop(key)
+            self.meter.release(key)
 
     def __del__(self):
         self.release()
 
 
-class SavedTensorMeter:
+class _Live:
+    """Reference-counted named buffers: the current sum of their bytes and its peak."""
+
+    def __init__(self):
+        self.refs: dict[object, list[int]] = {}
+        self.current = self.peak = 0
+
+    def acquire(self, key, nbytes: int) -> None:
+        entry = self.refs.get(key)
+        if entry is None:
+            self.refs[key] = [1, nbytes]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        else:
+            entry[0] += 1
+
+    def release(self, key) -> None:
+        entry = self.refs.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self.refs[key]
+            self.current -= entry[1]
+
+    def transient(self, nbytes: int) -> None:
+        self.peak = max(self.peak, self.current + nbytes)
+
+
+class SavedTensorMeter(_Live):
     """Bytes of the tensors autograd saves for backward, alive now and at the peak.
 
     A context manager: inside `with meter:` every tensor autograd saves is counted until
@@ -133,10 +162,8 @@ class SavedTensorMeter:
     """
 
     def __init__(self):
-        self._live: dict[int, list[int]] = {}  # storage key -> [references, nbytes]
+        super().__init__()  # refs: storage key -> [references, nbytes]
         self._ignored: dict[int, weakref.ref] = {}  # storage key -> weakref to the storage
-        self.current = 0
-        self.peak = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
 
     # --- context manager -------------------------------------------------------------------
@@ -177,7 +204,7 @@ class SavedTensorMeter:
             storage = t.untyped_storage()
             key = storage._cdata
             if key not in self._ignored:
-                self._add(key, storage)
+                self.acquire(key, storage.nbytes())
                 keys.append(key)
         return Hold(self, keys)
 
@@ -209,28 +236,8 @@ class SavedTensorMeter:
         key = storage._cdata
         if key in self._ignored:
             return tensor
-        self._add(key, storage)
+        self.acquire(key, storage.nbytes())
         return _Saved(self, key, tensor.detach())
-
-    def _add(self, key: int, storage) -> None:
-        entry = self._live.get(key)
-        if entry is None:
-            nbytes = storage.nbytes()
-            self._live[key] = [1, nbytes]
-            self.current += nbytes
-            if self.current > self.peak:
-                self.peak = self.current
-        else:
-            entry[0] += 1
-
-    def _drop(self, key: int) -> None:
-        entry = self._live.get(key)
-        if entry is None:
-            return
-        entry[0] -= 1
-        if entry[0] == 0:
-            del self._live[key]
-            self.current -= entry[1]
 
 
 # ---------------------------------------------------------------- activations, predicted
@@ -408,35 +415,6 @@ def _as_stage_bytes(value) -> StageBytes:
     return value if isinstance(value, StageBytes) else StageBytes(body=int(value))
 
 
-class _Live:
-    """Reference-counted named buffers: the current sum of their bytes and its peak."""
-
-    def __init__(self):
-        self.refs: dict[tuple, list[int]] = {}
-        self.current = self.peak = 0
-
-    def acquire(self, key: tuple, nbytes: int) -> None:
-        entry = self.refs.get(key)
-        if entry is None:
-            self.refs[key] = [1, nbytes]
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-        else:
-            entry[0] += 1
-
-    def release(self, key: tuple) -> None:
-        entry = self.refs.get(key)
-        if entry is None:
-            return
-        entry[0] -= 1
-        if entry[0] == 0:
-            del self.refs[key]
-            self.current -= entry[1]
-
-    def transient(self, nbytes: int) -> None:
-        self.peak = max(self.peak, self.current + nbytes)
-
-
 def peak_activation_bytes(
     actions: Sequence[Action],
     bytes_of_stage: Mapping[int, int | StageBytes],
@@ -486,19 +464,6 @@ def peak_activation_bytes(
             live.release(deferred)
             live.release(edge_in)
     return live.peak
-
-
-def peak_microbatches(actions: Sequence[Action]) -> int:
-    """The schedule's own count: most micro-batches held at once (F until B, or W)."""
-    has_w = {(a.stage, a.microbatch) for a in actions if a.kind == Kind.W}
-    live = peak = 0
-    for a in actions:
-        if a.kind == Kind.F:
-            live += 1
-        elif a.kind == Kind.W or (a.kind == Kind.B and (a.stage, a.microbatch) not in has_w):
-            live -= 1
-        peak = max(peak, live)
-    return peak
 
 
 def predict_comm(actions: Sequence[Action], buffer_bytes: int) -> int:
