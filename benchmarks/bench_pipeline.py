@@ -14,6 +14,7 @@ untimed ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing hpcpipe
@@ -136,8 +138,8 @@ def worker_serial_k(args) -> dict | None:
     return {"tokens_per_s": sum(rates), "per_process": rates} if comm.Get_rank() == 0 else None
 
 
-def worker_hpcpipe(args) -> dict | None:
-    """hpcpipe's PipelineTrainer (args.schedule) on every rank of COMM_WORLD."""
+def build_hpcpipe(kind: str):
+    """hpcpipe's PipelineTrainer (the schedule of contender `kind`) on every rank of COMM_WORLD."""
     import torch
     from mpi4py import MPI
 
@@ -148,11 +150,17 @@ def worker_hpcpipe(args) -> dict | None:
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
     k = comm.Get_size()
-    config = bench_config(k, HPCPIPE_SCHEDULES[args.worker])
+    config = bench_config(k, HPCPIPE_SCHEDULES[kind])
     grid = Grid(comm, Topology(dp=1, pp=k, tp=1))
-    trainer = PipelineTrainer(
-        config, grid, make_blueprint(config, k), tokens=data.load_tokens(None)
-    )
+    return PipelineTrainer(config, grid, make_blueprint(config, k), tokens=data.load_tokens(None))
+
+
+def worker_hpcpipe(args) -> dict | None:
+    """hpcpipe's PipelineTrainer (args.schedule) on every rank of COMM_WORLD."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    trainer = build_hpcpipe(args.worker)
     records = []
     # train_step ends in an Allreduce, so every rank leaves each step together.
     times = time_steps(lambda: records.append(trainer.train_step()), args.steps)
@@ -177,6 +185,8 @@ def mpi_rank_size() -> tuple[int, int]:
     return 0, 1
 
 
+# torch's single-stage schedules (one stage per rank): contender -> class name.
+TORCH_SINGLE = {"torch": "Schedule1F1B", "torch-gpipe": "ScheduleGPipe"}
 # torch's multi-stage schedules: (class name, placement of the 2K stages on K ranks).
 TORCH_MULTI = {
     "torch-interleaved": ("ScheduleInterleaved1F1B", "loop"),
@@ -192,9 +202,11 @@ def torch_stage_ids(placement: str, rank: int, k: int, n: int) -> list[int]:
     return list(range(rank, n, k))
 
 
-def worker_torch(args) -> dict | None:
-    """torch.distributed.pipelining over gloo (1F1B, or a schedule of V chunks per rank:
-    interleaved 1F1B, interleaved zero-bubble or ZB-V), on hpcpipe's own Stage modules."""
+def build_torch(kind: str, port: int) -> SimpleNamespace:
+    """torch.distributed.pipelining over gloo on hpcpipe's own Stage modules: the schedule of
+    contender `kind` (1F1B, GPipe, or V chunks per rank: interleaved 1F1B, interleaved
+    zero-bubble, ZB-V). Returns the pieces and step(around=None); `around(batch)`, if given,
+    is a context manager entered around schedule.step (the memory benchmark's meter)."""
     import torch
     import torch.distributed as dist
     from torch.distributed import pipelining
@@ -206,10 +218,8 @@ def worker_torch(args) -> dict | None:
 
     torch.set_num_threads(1)
     rank, k = mpi_rank_size()
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=k
-    )
-    multi = TORCH_MULTI.get(args.worker)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
+    multi = TORCH_MULTI.get(kind)
     config = bench_config(k, "interleaved" if multi else "1f1b")
     blueprint = make_blueprint(config, k)  # the same balanced split hpcpipe uses
     n, loss_fn = blueprint.num_stages, blueprint.spec.loss
@@ -224,7 +234,7 @@ def worker_torch(args) -> dict | None:
     if multi:
         schedule = getattr(pipelining, multi[0])(stages, MICROBATCHES, loss_fn=loss_fn)
     else:
-        schedule = pipelining.Schedule1F1B(stages[0], MICROBATCHES, loss_fn=loss_fn)
+        schedule = getattr(pipelining, TORCH_SINGLE[kind])(stages[0], MICROBATCHES, loss_fn=loss_fn)
     params = [p for m in modules for p in m.parameters()]
     named = [kv for m in modules for kv in m.named_parameters()]
     optimizer = optim.make_adamw(named, config.train)
@@ -232,16 +242,29 @@ def worker_torch(args) -> dict | None:
     batches = batch_source(config, data) if first or last else None
     state = {"step": 0}
 
-    def step():
+    def step(around=None):
         for p in params:
             p.grad = None
-        run_schedule(schedule, first, last, next(batches) if batches else None)
+        batch = next(batches) if batches else None
+        with around(batch) if around else contextlib.nullcontext():
+            run_schedule(schedule, first, last, batch)
         clip_and_step(params, optimizer, config.train, state["step"])
         state["step"] += 1
 
-    result = summary(time_steps(step, args.steps))
+    return SimpleNamespace(
+        rank=rank, k=k, ids=ids, modules=modules, stages=stages, schedule=schedule,
+        params=params, optimizer=optimizer, step=step,
+    )  # fmt: skip
+
+
+def worker_torch(args) -> dict | None:
+    """torch.distributed.pipelining over gloo (see build_torch), timed."""
+    import torch.distributed as dist
+
+    t = build_torch(args.worker, args.port)
+    result = summary(time_steps(t.step, args.steps))
     dist.destroy_process_group()
-    return result if rank == 0 else None
+    return result if t.rank == 0 else None
 
 
 def batch_source(config, data):
@@ -281,7 +304,7 @@ WORKERS = {
     "serial": worker_serial,
     "serial-xK": worker_serial_k,
     **dict.fromkeys(HPCPIPE_SCHEDULES, worker_hpcpipe),
-    "torch": worker_torch,
+    **dict.fromkeys(TORCH_SINGLE, worker_torch),
     **dict.fromkeys(TORCH_MULTI, worker_torch),
 }
 
