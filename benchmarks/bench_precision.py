@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -23,25 +24,26 @@ sys.path.insert(0, str(ROOT / "tests"))
 CONFIG = ROOT / "jobs" / "configs" / "benchmark.toml"
 
 
-def run_cli(dtype: str, steps: int, out: Path) -> list[dict]:
+def run_cli(dtype: str, steps: int, out: Path, seed: int) -> list[dict]:
     from hpcpipe.launch import mpi_env, mpiexec_command
 
-    metrics = out / f"{dtype}.jsonl"
+    metrics = out / f"{dtype}-seed{seed}.jsonl"
     cmd = mpiexec_command(2) + [sys.executable, "-m", "hpcpipe", "train", "--config",
                                 str(CONFIG), f"--train.steps={steps}", f"--train.dtype={dtype}",
-                                "--train.log_every=50", "--metrics", str(metrics)]  # fmt: skip
+                                f"--train.seed={seed}", "--train.log_every=50",
+                                "--metrics", str(metrics)]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, env=mpi_env(), check=True)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
-def run_pure_bf16(steps: int) -> list[float]:
+def run_pure_bf16(steps: int, seed: int) -> list[float]:
     import torch
     from precision_helpers import PureHalfTrainer
 
     from hpcpipe.config import load_config
 
     torch.set_num_threads(2)
-    config = load_config(CONFIG, {"train.steps": str(steps)})
+    config = load_config(CONFIG, {"train.steps": str(steps), "train.seed": str(seed)})
     trainer = PureHalfTrainer(config)
     losses = []
     for _ in range(steps):
@@ -54,26 +56,44 @@ def tail_mean(values: list[float], n: int = 20) -> float:
     return sum(values[-n:]) / len(values[-n:])
 
 
+def report(curves: dict[str, list[float]]) -> dict[str, float]:
+    """Print one seed's table; return each run's gap to float32 (mean of the last 20 steps)."""
+    ref_last, ref_tail = curves["float32"][-1], tail_mean(curves["float32"])
+    print(f"{'run':<14} {'last loss':>10} {'gap':>8} {'mean last 20':>13} {'gap':>8}")
+    gaps = {}
+    for name, losses in curves.items():
+        last, tail = losses[-1], tail_mean(losses)
+        gaps[name] = tail / ref_tail - 1
+        print(f"{name:<14} {last:>10.4f} {100 * (last / ref_last - 1):>7.2f}% "
+              f"{tail:>13.4f} {100 * gaps[name]:>7.2f}%")  # fmt: skip
+    return gaps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", default="1234", help="comma-separated train.seed values")
+    parser.add_argument("--no-pure", action="store_true", help="skip the pure-bf16 reference")
     parser.add_argument("--out", default="/tmp/bench_precision")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {dtype: run_cli(dtype, args.steps, out) for dtype in ("float32", "bfloat16")}
-    curves = {dtype: [r["loss"] for r in records] for dtype, records in runs.items()}
-    curves["pure-bfloat16"] = run_pure_bf16(args.steps)
-    (out / "curves.json").write_text(json.dumps(curves))
-    ref_last, ref_tail = curves["float32"][-1], tail_mean(curves["float32"])
-    print(f"{'run':<14} {'last loss':>10} {'gap':>8} {'mean last 20':>13} {'gap':>8}")
-    for name, losses in curves.items():
-        last, tail = losses[-1], tail_mean(losses)
-        print(f"{name:<14} {last:>10.4f} {100 * (last / ref_last - 1):>7.2f}% "
-              f"{tail:>13.4f} {100 * (tail / ref_tail - 1):>7.2f}%")  # fmt: skip
-    for dtype, records in runs.items():
-        speeds = sorted(r["tokens_per_s"] for r in records[5:])
-        print(f"{dtype}: median {speeds[len(speeds) // 2]:,.0f} tokens/s (pp=2, 2 ranks)")
+    all_gaps, speeds = [], {"float32": [], "bfloat16": []}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        runs = {dtype: run_cli(dtype, args.steps, out, seed) for dtype in speeds}
+        curves = {dtype: [r["loss"] for r in records] for dtype, records in runs.items()}
+        if not args.no_pure:
+            curves["pure-bfloat16"] = run_pure_bf16(args.steps, seed)
+        (out / f"curves-seed{seed}.json").write_text(json.dumps(curves))
+        print(f"seed {seed}:")
+        all_gaps.append(report(curves))
+        for dtype, records in runs.items():
+            speeds[dtype].append(statistics.median(r["tokens_per_s"] for r in records[5:]))
+    for name in all_gaps[0]:
+        mean = statistics.mean(g[name] for g in all_gaps)
+        print(f"{name}: mean gap to float32 over {len(all_gaps)} seed(s) {100 * mean:+.2f}%")
+    for dtype, values in speeds.items():
+        print(f"{dtype}: median {statistics.median(values):,.0f} tokens/s (pp=2, 2 ranks)")
 
 
 if __name__ == "__main__":

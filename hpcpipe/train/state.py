@@ -172,6 +172,36 @@ def _flat_range(loaded: torch.Tensor, f, local, dtype) -> torch.Tensor:
     return full.reshape(-1)[f.start : f.stop]
 
 
+def _whole(f, local) -> bool:
+    """Whether a fragment is its whole local parameter, unpadded (loadable in place)."""
+    return f.start == 0 and f.stop == f.param.numel() and tuple(local) == tuple(f.param.shape)
+
+
+def _destinations(trainer) -> tuple[dict, dict]:
+    """Where a load can write straight from the file, as torch.distributed.checkpoint does:
+    whole-parameter fragments (no ZeRO) receive their masters and new AdamW moments in place.
+    Returns ({stored name: tensor}, {id(fragment): moments made for it})."""
+    into, moments = {}, {}
+    for f in trainer.master.fragments:
+        stored = canonical_name(trainer, f.name)
+        _, _, local = _placement(trainer, f.name, f.param)
+        made = {m: torch.zeros_like(f.master) for m in MOMENTS}
+        moments[id(f)] = made
+        if not _whole(f, local) or stored in into:
+            continue
+        into[stored] = f.master.view(f.param.shape)
+        for m in MOMENTS:
+            into[f"optim.{m}/{stored}"] = made[m].view(f.param.shape)
+    return into, moments
+
+
+def _take(target: torch.Tensor, loaded: torch.Tensor, f, local) -> None:
+    """Fill a fragment's flat tensor from a loaded piece, unless the load wrote it in place."""
+    if loaded.data_ptr() == target.data_ptr() and loaded.dtype == target.dtype:
+        return
+    target.copy_(_flat_range(loaded, f, local, target.dtype))
+
+
 def restore(trainer, path, derive: bool = True) -> dict:
     """Load master weights, AdamW state, sampler position and step from any layout's
     checkpoint (any dp, pp, tp, zero); the model parameters are derived from the masters.
@@ -179,17 +209,16 @@ def restore(trainer, path, derive: bool = True) -> dict:
     derive=False loads without communicating (the ranks agree on the outcome first); then
     call derive_params (collective under ZeRO: an all-gather) once every rank has loaded.
     """
-    meta, tensors = load_checkpoint(path, _wanted(trainer))
+    into, moments = _destinations(trainer)
+    meta, tensors = load_checkpoint(path, _wanted(trainer), into=into)
     with torch.no_grad():
         for f in trainer.master.fragments:
             stored = canonical_name(trainer, f.name)
             _, _, local = _placement(trainer, f.name, f.param)
-            dtype = f.master.dtype
-            f.master.copy_(_flat_range(tensors[stored], f, local, dtype))
-            state = {
-                m: _flat_range(tensors[f"optim.{m}/{stored}"], f, local, dtype).clone()
-                for m in MOMENTS
-            }
+            _take(f.master, tensors[stored], f, local)
+            state = moments[id(f)]
+            for m in MOMENTS:
+                _take(state[m], tensors[f"optim.{m}/{stored}"], f, local)
             state["step"] = tensors[f"optim.step/{stored}"].to(torch.float32).reshape(())
             trainer.master.set_state(f, state)
     if derive:
