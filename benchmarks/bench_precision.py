@@ -56,6 +56,20 @@ def tail_mean(values: list[float], n: int = 20) -> float:
     return sum(values[-n:]) / len(values[-n:])
 
 
+def speed_rounds(rounds: int, out: Path) -> None:
+    """tokens/s of float32 and bfloat16 in alternating short runs (median after 2 steps)."""
+    ratios = []
+    for index in range(rounds):
+        speed = {}
+        for dtype in ("float32", "bfloat16"):
+            records = run_cli(dtype, 12, out, 1234)
+            speed[dtype] = statistics.median(r["tokens_per_s"] for r in records[2:])
+        ratios.append(speed["bfloat16"] / speed["float32"])
+        print(f"round {index + 1}: float32 {speed['float32']:,.0f} tok/s, bfloat16 "
+              f"{speed['bfloat16']:,.0f} tok/s, ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
+    print(f"median per-round ratio bfloat16 / float32: {statistics.median(ratios):.3f}")
+
+
 def report(curves: dict[str, list[float]]) -> dict[str, float]:
     """Print one seed's table; return each run's gap to float32 (mean of the last 20 steps)."""
     ref_last, ref_tail = curves["float32"][-1], tail_mean(curves["float32"])
@@ -75,9 +89,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="1234", help="comma-separated train.seed values")
     parser.add_argument("--no-pure", action="store_true", help="skip the pure-bf16 reference")
     parser.add_argument("--out", default="/tmp/bench_precision")
+    parser.add_argument(
+        "--speed-rounds", type=int, default=0, help="instead: N rounds of 12-step fp32, bf16 runs"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.speed_rounds:
+        return speed_rounds(args.speed_rounds, out)
     all_gaps, speeds = [], {"float32": [], "bfloat16": []}
     for seed in (int(s) for s in args.seeds.split(",")):
         runs = {dtype: run_cli(dtype, args.steps, out, seed) for dtype in speeds}
