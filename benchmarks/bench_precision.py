@@ -24,6 +24,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 CONFIG = ROOT / "jobs" / "configs" / "benchmark.toml"
 
 
+LR: list[str] = []  # --train.lr / min_lr overrides when --lr is given
+
+
 def run_cli(dtype: str, steps: int, out: Path, seed: int) -> list[dict]:
     from hpcpipe.launch import mpi_env, mpiexec_command
 
@@ -31,7 +34,7 @@ def run_cli(dtype: str, steps: int, out: Path, seed: int) -> list[dict]:
     cmd = mpiexec_command(2) + [sys.executable, "-m", "hpcpipe", "train", "--config",
                                 str(CONFIG), f"--train.steps={steps}", f"--train.dtype={dtype}",
                                 f"--train.seed={seed}", "--train.log_every=50",
-                                "--metrics", str(metrics)]  # fmt: skip
+                                "--metrics", str(metrics), *LR]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, env=mpi_env(), check=True)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
@@ -43,7 +46,9 @@ def run_pure_bf16(steps: int, seed: int) -> list[float]:
     from hpcpipe.config import load_config
 
     torch.set_num_threads(2)
-    config = load_config(CONFIG, {"train.steps": str(steps), "train.seed": str(seed)})
+    overrides = {"train.steps": str(steps), "train.seed": str(seed)}
+    overrides.update(arg.removeprefix("--").split("=", 1) for arg in LR)
+    config = load_config(CONFIG, overrides)
     trainer = PureHalfTrainer(config)
     losses = []
     for _ in range(steps):
@@ -87,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", default="1234", help="comma-separated train.seed values")
+    parser.add_argument("--lr", type=float, help="peak learning rate (min_lr = lr / 10)")
     parser.add_argument("--no-pure", action="store_true", help="skip the pure-bf16 reference")
     parser.add_argument("--out", default="/tmp/bench_precision")
     parser.add_argument(
@@ -95,6 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.lr:
+        LR.extend([f"--train.lr={args.lr}", f"--train.min_lr={args.lr / 10}"])
     if args.speed_rounds:
         return speed_rounds(args.speed_rounds, out)
     all_gaps, speeds = [], {"float32": [], "bfloat16": []}
