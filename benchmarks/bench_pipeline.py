@@ -271,7 +271,8 @@ def batch_source(config, data):
     """Global batches from the same sampler (seed) hpcpipe uses."""
     tokens = data.load_tokens(None)
     t = config.train
-    sampler = data.Sampler(len(tokens), config.model.seq_len, t.global_batch, t.seed)
+    held = data.holdout_windows(len(tokens), config.model.seq_len, config.data.val_fraction)
+    sampler = data.Sampler(len(tokens), config.model.seq_len, t.global_batch, t.seed, held)
     while True:
         yield data.make_batch(tokens, sampler.next_starts(), config.model.seq_len)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import re
+import textwrap
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,44 +27,78 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class TrainSection:
     global_batch: int = 16
+    """Sequences per optimizer step over all dp replicas (each replica's share is cut into
+    schedule.microbatches micro-batches)."""
     steps: int = 20
+    """Optimizer steps of the whole run (a resumed run continues up to this count)."""
     lr: float = 3e-3
+    """Peak learning rate, reached at the end of the warm-up."""
     min_lr: float = 3e-4
+    """Learning rate the cosine decay reaches at step train.steps."""
     warmup_steps: int = 2
+    """Steps of linear warm-up from lr / warmup_steps up to lr (0 = none)."""
     weight_decay: float = 0.1
+    """AdamW weight decay, on matrices only (not biases, norms or position tables)."""
     beta1: float = 0.9
+    """AdamW's decay of the gradient's running mean."""
     beta2: float = 0.95
+    """AdamW's decay of the squared gradient's running mean."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm (all ranks, each parameter counted once) to this; 0 = no
+    clipping."""
     seed: int = 1234
+    """Seeds the weights (per layer, so every layout starts alike) and the data order."""
     dtype: str = "float32"
+    """float32, float64, or bfloat16 / float16 for mixed precision (16-bit model and messages,
+    float32 masters and optimizer state)."""
     threads: int = 1
-    device: str = "cpu"  # cpu | cuda | auto (cuda when available); one GPU per rank on a node
+    """torch CPU threads per rank (torch.set_num_threads)."""
+    device: str = "cpu"
+    """cpu, cuda or auto (cuda when available); one GPU per rank on a node."""
     log_every: int = 1
-    # Stop (after checkpointing) once the step count is a multiple of this, like Megatron's
-    # --exit-interval: splits a long run over several allocations. 0 = run to train.steps.
+    """Print the progress line every this many steps (the metrics file gets every step)."""
     exit_interval: int = 0
-    # float16 only: dynamic loss scaling (Megatron's --initial-loss-scale, --loss-scale-window).
-    # An overflowing step is skipped and the scale multiplied by loss_scale_backoff; after
-    # loss_scale_window clean steps in a row it doubles.
+    """Checkpoint and stop once the step count is a multiple of this (Megatron's
+    --exit-interval), to split a long run over several allocations; 0 = run to train.steps."""
     initial_loss_scale: float = 65536.0
+    """float16 only: the dynamic loss scale to start from (Megatron's --initial-loss-scale)."""
     loss_scale_window: int = 1000
+    """float16 only: clean steps in a row after which the loss scale doubles (Megatron's
+    --loss-scale-window)."""
     loss_scale_backoff: float = 0.5
+    """float16 only: an overflowing step is skipped and the loss scale multiplied by this."""
+    eval_every: int = 0
+    """Validation loss (a forward-only pass over the held-out windows) every N steps and after
+    the last one; 0 = never."""
+    eval_batches: int = 4
+    """Global batches of held-out windows per evaluation: the same windows every time."""
 
 
 @dataclass(frozen=True)
 class ParallelSection:
     pp: int = 1
+    """Pipeline-parallel degree: K, the number of pipeline ranks."""
     tp: int = 1
+    """Tensor-parallel degree: ranks splitting each layer (heads, MLP units, vocabulary)."""
     dp: int = 1
+    """Data-parallel degree: model replicas, each on its share of the global batch."""
     order: str = "dp,pp,tp"
+    """Nesting of the axes on the rank grid, the last varying fastest (keep tp last: a tp group
+    then stays on one node)."""
     partition: tuple[int, ...] = ()
+    """Layers per pipeline stage, e.g. [3, 2, 2, 1] (the embedding and the head count as
+    layers); empty = balanced by parallel.balance."""
     balance: str = "params"
+    """Cost the balanced partition evens out: params or flops."""
     timeout: float = 300.0
-    # Launched on fewer ranks than dp*pp*tp (after a failure): re-plan instead of refusing.
+    """Seconds any wait (messages, reductions, checkpoint barriers) may take before the job
+    ends naming the peer and the action."""
     elastic: bool = False
-    # ZeRO stage: 0 replicates the optimizer state on every dp rank; 1 shards the master
-    # weights and AdamW moments over the dp axis (Megatron's distributed optimizer).
+    """Launched on fewer ranks than dp x pp x tp (after a failure): re-plan the layout for the
+    ranks present instead of refusing."""
     zero: int = 0
+    """ZeRO stage: 0 replicates the optimizer state on every dp rank; 1 shards the master
+    weights and AdamW moments over the dp axis (Megatron's distributed optimizer)."""
 
 
 RECOMPUTE_MODES = ("false", "full", "selective")
@@ -95,9 +133,14 @@ def recompute_mode(value: Any, key: str = "schedule.recompute") -> str:
 @dataclass(frozen=True)
 class ScheduleSection:
     name: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b, interleaved, zb-h1 or interleaved-zb."""
     microbatches: int = 4
-    recompute: str = "false"  # one of RECOMPUTE_MODES; set through recompute_mode
-    virtual: int = 1  # V: model chunks per pipeline rank (interleaved schedules)
+    """M: micro-batches per step on each dp replica (must divide its share of the batch)."""
+    recompute: str = "false"
+    """Activation recomputation: false keeps every activation, "full" (or true) recomputes each
+    stage's forward in backward, "selective" only the attention cores (RECOMPUTE_MODES)."""
+    virtual: int = 1
+    """V: model chunks per pipeline rank (interleaved schedules)."""
 
     def __post_init__(self) -> None:
         # normalised here too, so ScheduleSection(recompute=True) also stores "full"
@@ -107,24 +150,37 @@ class ScheduleSection:
 @dataclass(frozen=True)
 class DataSection:
     path: str = ""
+    """HDF5 token file from `hpcpipe data prepare`; "" = the built-in corpus (the Python
+    standard library's .py sources, byte tokens)."""
     max_bytes: int = 4 * 1024 * 1024
+    """Bytes of the built-in corpus to use (when data.path is "")."""
+    val_fraction: float = 0.01
+    """Fraction of the windows (the last ones) held out for validation, never trained on;
+    ignored when data.val_path is set."""
+    val_path: str = ""
+    """HDF5 token file to validate on instead of holding out data.val_fraction."""
 
 
 @dataclass(frozen=True)
 class CheckpointSection:
-    dir: str = "checkpoints/run"  # this run's folder: step_<N>/ shards, manifest, `latest`
-    every: int = 0  # save every N optimizer steps (0: never periodically)
-    keep: int = 3  # newest checkpoints kept; older ones are pruned after a successful save
-    at_end: bool = False  # also save after the last step
+    dir: str = "checkpoints/run"
+    """This run's folder: step_<N>/ shards with their manifest, and `latest`."""
+    every: int = 0
+    """Save every N optimizer steps (0 = never periodically)."""
+    keep: int = 3
+    """Newest checkpoints kept; older ones are pruned after a successful save."""
+    at_end: bool = False
+    """Also save after the last step."""
 
 
 @dataclass(frozen=True)
 class DebugSection:
-    # Fault injection for tests: "RANK:STEP:ACTION" raises on that world rank at that action.
     fail_at: str = ""
-    # float16 tests: at this step (from 0) the loss is scaled 2**24 times more, so its
-    # gradients overflow, the step is skipped and the loss scale backs off. -1: never.
+    """Fault injection for tests: "RANK:STEP:ACTION" raises on that world rank at that action
+    (e.g. 1:0:1F2)."""
     overflow_step: int = -1
+    """float16 tests: at this step (from 0) the loss is scaled 2**24 times more, so its
+    gradients overflow, the step is skipped and the loss scale backs off; -1 = never."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +230,45 @@ def all_keys(arch: str = DEFAULT_ARCH) -> list[str]:
     """Every `section.key` a user can set (the [model] keys are those of `arch`'s family)."""
     model = [f"model.{f.name}" for f in fields(get_spec(arch).config_class)]
     return model + [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in fields(cls)]
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its doc} of a config dataclass, from its source: the string literal on the
+    line after each field (an attribute docstring, as simple-parsing and Sphinx read them).
+
+    Bases are read too: a subclass's doc wins, a field it redefines without one keeps its
+    base's. "" for a field without a doc (tests/test_field_docs.py requires one on every key).
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source to read (a class made at run time)
+            continue
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return {f.name: docs.get(f.name, "") for f in fields(cls)}
+
+
+def key_docs(arch: str = DEFAULT_ARCH) -> dict[str, tuple[Any, str]]:
+    """{"section.key": (default, doc)} for every key of all_keys(arch), in that order."""
+    sections = {"model": get_spec(arch).config_class, **_SECTIONS}
+    return {
+        f"{s}.{f.name}": (getattr(cls(), f.name), field_docs(cls)[f.name])
+        for s, cls in sections.items()
+        for f in fields(cls)
+    }
 
 
 def _coerce(dotted: str, value: Any, target: Any) -> Any:
@@ -336,6 +431,7 @@ def check_config(config: Config) -> None:
         f"train.device={t.device!r} must be cpu, cuda or auto",
     )
     _require(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (got {t.exit_interval})")
+    check_evaluation(config)
     c = config.checkpoint
     _require(c.every >= 0, f"checkpoint.every must be >= 0 steps (got {c.every})")
     _require(c.keep >= 1, f"checkpoint.keep must be >= 1 (got {c.keep})")
@@ -350,6 +446,22 @@ def check_config(config: Config) -> None:
     _require(
         not config.debug.fail_at or re.fullmatch(r"\d+:\d+:\d+[A-Z_]+\d+", config.debug.fail_at),
         f"debug.fail_at={config.debug.fail_at!r} must be WORLD_RANK:STEP:ACTION, e.g. 1:0:1F2",
+    )
+
+
+def check_evaluation(config: Config) -> None:
+    """The validation keys: a held-out split to evaluate on whenever train.eval_every is set."""
+    t, d = config.train, config.data
+    _require(t.eval_every >= 0, f"train.eval_every must be >= 0 steps (got {t.eval_every})")
+    _require(t.eval_batches >= 1, f"train.eval_batches must be >= 1 (got {t.eval_batches})")
+    _require(
+        0 <= d.val_fraction < 1,
+        f"data.val_fraction={d.val_fraction} must be in [0, 1) (0.01 holds out 1% of the windows)",
+    )
+    _require(
+        not t.eval_every or d.val_fraction > 0 or bool(d.val_path),
+        f"train.eval_every={t.eval_every} needs validation data: data.val_fraction > 0 (the "
+        "held-out windows) or data.val_path (a token file)",
     )
 
 

@@ -1,4 +1,5 @@
-"""Token data: byte tokenizer, default corpus, HDF5 datasets, resumable sampling, batching."""
+"""Token data: default corpus, HDF5 datasets, resumable sampling, batching (tokenizers:
+hpcpipe/tokenizer.py; ByteTokenizer is re-exported here)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import h5py
 import numpy as np
 import torch
 
+from hpcpipe import tokenizer as tok
+from hpcpipe.tokenizer import ByteTokenizer
+
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 DOC_SEPARATOR = "\n\n"
 TEXT_SUFFIXES = (".txt", ".md", ".py")
@@ -29,25 +33,6 @@ class Tokenizer(Protocol):
     vocab_size: int
 
     def encode(self, text: str) -> np.ndarray: ...
-
-
-class ByteTokenizer:
-    """Tokenizer whose tokens are the UTF-8 bytes of the text."""
-
-    name = "bytes"
-    vocab_size = 256
-
-    def encode(self, text: str) -> np.ndarray:
-        """Return the UTF-8 bytes of text as a uint8 array."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
-
-    def decode(self, ids) -> str:
-        """Return the text for byte ids; invalid UTF-8 becomes U+FFFD."""
-        arr = np.asarray(ids).reshape(-1)
-        # Refuse out-of-range ids rather than let astype wrap them silently.
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise ValueError(f"byte ids must be in [0, 255], got [{arr.min()}, {arr.max()}]")
-        return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True)
@@ -150,7 +135,7 @@ def write_dataset(
         with h5py.File(tmp, "w") as f:
             chunk = min(tokens.size, 1 << 20)
             f.create_dataset("tokens", data=tokens, chunks=(chunk,), compression="gzip")
-            f.attrs["tokenizer"] = tokenizer.name
+            tok.write_to_dataset(f, tokenizer)  # its name, JSON and sha256
             f.attrs["vocab_size"] = int(tokenizer.vocab_size)
             f.attrs["num_tokens"] = int(tokens.size)
             f.attrs["sources"] = np.array(list(sources), dtype=h5py.string_dtype())
@@ -201,22 +186,27 @@ def load_tokens(path: str | Path | None, max_bytes: int = DEFAULT_MAX_BYTES) -> 
 class Sampler:
     """Deterministic, resumable sampler of window start offsets for global batches."""
 
-    def __init__(self, num_tokens: int, seq_len: int, batch_size: int, seed: int) -> None:
-        """Set up windows of seq_len+1 tokens at offsets k*seq_len."""
+    def __init__(
+        self, num_tokens: int, seq_len: int, batch_size: int, seed: int, holdout: int = 0
+    ) -> None:
+        """Set up windows of seq_len+1 tokens at offsets k*seq_len; the last `holdout` windows
+        (the validation split, see validation_starts) are never sampled."""
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        if seed < 0 or holdout < 0:
+            raise ValueError(f"seed and holdout must be >= 0, got {seed}, {holdout}")
         self.num_tokens = int(num_tokens)
         self.seq_len = int(seq_len)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self.num_windows = max(0, (self.num_tokens - 1) // self.seq_len)
+        self.holdout = int(holdout)
+        self.num_windows = max(0, (self.num_tokens - 1) // self.seq_len - self.holdout)
         if self.num_windows < self.batch_size:
-            need = self.batch_size * self.seq_len + 1
+            need = (self.batch_size + self.holdout) * self.seq_len + 1
+            held = f" ({self.holdout} held out for validation)" if self.holdout else ""
             raise ValueError(
-                f"{self.num_tokens} tokens give {self.num_windows} windows of seq_len "
-                f"{self.seq_len}, fewer than batch_size {self.batch_size}; "
+                f"{self.num_tokens} tokens give {self.num_windows} training windows of seq_len "
+                f"{self.seq_len}{held}, fewer than batch_size {self.batch_size}; "
                 f"need at least {need} tokens"
             )
         self.epoch = 0
@@ -263,6 +253,24 @@ class Sampler:
         if position == self.num_windows:
             epoch, position = epoch + 1, 0
         self.epoch, self.position = epoch, position
+
+
+def holdout_windows(num_tokens: int, seq_len: int, fraction: float) -> int:
+    """How many windows (the last ones) data.val_fraction holds out: at least 1 when > 0."""
+    windows = max(0, (int(num_tokens) - 1) // int(seq_len))
+    return max(1, int(windows * fraction)) if fraction > 0 and windows else 0
+
+
+def validation_starts(num_tokens: int, seq_len: int, holdout: int) -> np.ndarray:
+    """Token offsets (int64, in file order) of the last `holdout` windows: the ones a Sampler
+    with the same holdout never draws. The same every time: no seed, no state."""
+    windows = max(0, (int(num_tokens) - 1) // int(seq_len))
+    if not 0 < holdout <= windows:
+        raise ValueError(
+            f"{num_tokens} tokens give {windows} windows of seq_len {seq_len}; cannot hold out "
+            f"{holdout} for validation (need at least seq_len + 1 = {seq_len + 1} tokens)"
+        )
+    return np.arange(windows - holdout, windows, dtype=np.int64) * int(seq_len)
 
 
 # ---------------------------------------------------------------- batching
@@ -317,24 +325,33 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if not args.texts and not args.default_corpus:
         print("error: give TEXT files or --default-corpus", file=sys.stderr)
         return 2
-    tokenizer = ByteTokenizer()
+    if (args.tokenizer == "bpe") != (args.vocab_size is not None):
+        print("error: --tokenizer bpe needs --vocab-size N, and only it takes one", file=sys.stderr)
+        return 2
     try:
+        parts, sources = [], []
         if args.default_corpus:
             # Same text as load_tokens(None), so a prepared default corpus matches it exactly.
             parts = [default_corpus_text(args.max_bytes)]
             sources = [p.name for p in default_corpus_files(args.max_bytes)]
-            files = _collect_files(args.texts)
-            parts += [_read_text(p) for p in files]
-            sources += [str(p) for p in files]
-            tokens = tokenizer.encode(DOC_SEPARATOR.join(parts))
-            info = write_dataset(tokens, args.out, tokenizer, sources)
+        files = _collect_files(args.texts)
+        if not parts and not files:
+            raise ValueError(f"empty corpus: no text files in {[str(p) for p in args.texts]}")
+        parts += [_read_text(p) for p in files]
+        sources += [str(p) for p in files]
+        if args.tokenizer == "bpe":
+            tokenizer = tok.BPETokenizer.train(parts, args.vocab_size)
         else:
-            info = prepare_dataset(args.texts, args.out, tokenizer)
+            tokenizer = tok.load_tokenizer(args.tokenizer)
+        tokens = tokenizer.encode(DOC_SEPARATOR.join(parts))
+        info = write_dataset(tokens, args.out, tokenizer, sources)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {info.num_tokens} tokens from {len(info.sources)} sources to {info.path}")
     print(f"tokenizer {info.tokenizer} (vocab {info.vocab_size}), sha256 {info.sha256}")
+    if info.tokenizer != tok.BYTES:
+        print(f"train with --data.path={info.path} --model.vocab_size={info.vocab_size}")
     return 0
 
 
@@ -353,6 +370,15 @@ def _add_data_subcommands(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_BYTES,
         help="cap on default corpus bytes (default: %(default)s)",
+    )
+    prep.add_argument(
+        "--tokenizer",
+        default=tok.BYTES,
+        metavar="NAME|FILE",
+        help=f"{tok.SPECS}; stored in the HDF5 file with its sha256 (default: %(default)s)",
+    )
+    prep.add_argument(
+        "--vocab-size", type=int, help="--tokenizer bpe: ids to train (at least 256, the bytes)"
     )
     prep.add_argument("texts", nargs="*", type=Path, metavar="TEXT", help="text files or dirs")
     prep.set_defaults(func=_cmd_prepare)

@@ -101,7 +101,7 @@ def float64_rmsnorm(monkeypatch):
 def one_rank_trainer(config) -> PipelineTrainer:
     grid = Grid(MPI.COMM_SELF, Topology(1, 1, 1))
     tokens = np.arange(4096) % 256
-    return PipelineTrainer(config, grid, make_blueprint(config, 1), tokens=tokens)
+    return PipelineTrainer(config, grid, make_blueprint(config, 1, data=False), tokens=tokens)
 
 
 def hf_reference(model, tokens: torch.Tensor, seq_len: int):

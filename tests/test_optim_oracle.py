@@ -184,7 +184,8 @@ def test_serial_training_matches_torch_adamw_step_by_step(warmup, steps, grad_cl
         lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
     )  # fmt: skip
     schedule = torch_schedule(optimizer, t)
-    sampler = data.Sampler(len(tokens), T, t.global_batch, t.seed)
+    held = data.holdout_windows(len(tokens), T, config.data.val_fraction)  # validation's
+    sampler = data.Sampler(len(tokens), T, t.global_batch, t.seed, holdout=held)
 
     # hpcpipe's groups hold the same parameters with the same hyper-parameters
     names = {id(p): n for n, p in trainer.model.named_parameters()}

@@ -58,6 +58,7 @@ def serial_grads(tokens, M: int) -> tuple[float, dict]:
             "model": {"n_layers": 2, "d_model": 16, "n_heads": 2, "seq_len": 8},
             "train": {"global_batch": 2 * M, "dtype": "float64", "seed": SEED},
             "schedule": {"microbatches": M},
+            "data": {"val_fraction": 0},  # microbatches() samples every window
         }
     )
     oracle = SerialTrainer(config, tokens=tokens)

@@ -22,11 +22,17 @@ class ParallelConfig(ModelConfig):
 
     arch: str = "examples.own_model:spec"
     n_layers: int = 2
+    """Parallel blocks (the pipeline's layers are these plus the embedding and the head)."""
     d_model: int = 32
+    """Width of the residual stream."""
     n_heads: int = 2
+    """Attention heads (must divide d_model)."""
     mlp_ratio: int = 4
+    """MLP width as a multiple of d_model."""
     init_std: float = 0.02
+    """Standard deviation of the normal weight init."""
     tie_embeddings: bool = True
+    """The head's weight is the token embedding."""
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "d_model", "n_heads", "mlp_ratio"):

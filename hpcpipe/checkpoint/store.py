@@ -6,6 +6,8 @@ On disk (one run root, e.g. checkpoints/<run>/):
     step_<N>/manifest.json trainer's manifest + format_version, tensors (global shape, dtype,
                            pieces: file, dataset, offsets, shape, xxh3_64), files
     step_<N>/<position>.h5 one file per (pp, tp) position, written by its dp_rank 0 replica
+    step_<N>/<attachment>  small files committed with the step (the run's tokenizer.json), each
+                           listed in the manifest's `attachments` with its sha256
     .tmp_step_<N>/         a save in progress (or one that crashed): ignored, removed by the next
     .trash_step_<N>/       an old step being pruned (renamed first, so pruning is atomic too)
 
@@ -26,6 +28,7 @@ against the same MPI as mpi4py) the per-position files work unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -185,6 +188,9 @@ def verify(path: str | Path) -> list[str]:
     problems = []
     missing = [f for f in manifest.get("files", []) if not (step_dir / f).is_file()]
     problems += [f"{step_dir / f}: shard file missing" for f in missing]
+    for name, digest in (manifest.get("attachments") or {}).items():
+        problem = _attachment_problem(step_dir / name, digest)
+        problems += [problem] if problem else []
     with ShardFiles(step_dir) as files:
         for name, entry in manifest["tensors"].items():
             problem = coverage_problem(name, entry)
@@ -283,9 +289,46 @@ def _prepare(root: Path, step: int, positions: list[tuple[bool, str]]) -> None:
     (root / f".tmp_step_{step}").mkdir()
 
 
-def _commit(root: Path, step: int, manifest: dict, records: list[dict], keep: int) -> None:
-    """Rank 0: manifest, rename into place, `latest`, prune; each durable before the next."""
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _attachment_problem(path: Path, digest: str) -> str | None:
+    """Why an attachment the manifest lists is not there as written (None when it is)."""
+    try:
+        found = _sha256(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{path}: attachment missing (the manifest lists it)"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"{path}: attachment unreadable ({exc})"
+    return None if found == digest else f"{path}: sha256 {found}, the manifest says {digest}"
+
+
+def _attach(tmp: Path, files: dict[str, str]) -> dict[str, str]:
+    """Rank 0: write the step's attachments durably; {name: sha256} for the manifest."""
+    bad = [n for n in files if not n or "/" in n or n.startswith(".") or n == MANIFEST]
+    if bad:
+        raise CheckpointError(f"bad attachment name(s) {bad}: need a plain file name")
+    for name, text in files.items():
+        with open(tmp / name, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return {name: _sha256(text) for name, text in files.items()}
+
+
+def _commit(
+    root: Path,
+    step: int,
+    manifest: dict,
+    records: list[dict],
+    keep: int,
+    files: dict[str, str] | None = None,
+) -> None:
+    """Rank 0: attachments, manifest, rename into place, `latest`, prune; each durable first."""
     tmp, final = root / f".tmp_step_{step}", root / f"step_{step}"
+    if files:  # NOTE: in the tmp folder, so they are committed with the step, or not at all
+        manifest = {**manifest, "attachments": _attach(tmp, files)}
     write_json(tmp / MANIFEST, build_manifest(manifest, step, records))
     fsync_path(tmp)
     if final.exists():
@@ -356,9 +399,11 @@ def save_checkpoint(
     keep: int = 3,
     timeout: float = 300.0,
     on_dataset=None,
+    files: dict[str, str] | None = None,
 ) -> Path:
     """Collective: write root/step_<step>/ atomically; every rank calls it; returns the step dir.
 
+    files: {name: text} written beside the manifest and committed with the step (rank 0's only).
     Raises CheckpointError on every rank when any rank fails (the previous step stays valid).
     """
     root = Path(root)
@@ -377,6 +422,6 @@ def save_checkpoint(
         error = _verdict([e for _, e in gathered])
         if error is None:
             every = [r for recs, _ in gathered for r in recs]
-            _, error = _attempt(_commit, root, step, manifest, every, keep)
+            _, error = _attempt(_commit, root, step, manifest, every, keep, files)
     _raise_if_failed(_share(comm, error, timeout, "checkpoint committed"), step)
     return root / f"step_{step}"

@@ -108,7 +108,7 @@ def run_export(args) -> int:
     """Assemble the full model parameters (not optim.*) into one state dict file.
 
     --format hf writes a Hugging Face folder instead (config.json + model.safetensors) that
-    transformers' AutoModelForCausalLM.from_pretrained loads.
+    transformers' AutoModelForCausalLM.from_pretrained loads, with the run's tokenizer.json.
     """
     if args.format == "hf":
         return _export_hf(args)
@@ -141,12 +141,17 @@ def _export_hf(args) -> int:
 
     if importlib.util.find_spec("safetensors") is None:
         return _err("--format hf needs the safetensors package (pip install safetensors)")
+    from hpcpipe import tokenizer as tok
+
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
+        tokenizer = tok.tokenizer_of_checkpoint(args.path)  # before writing: it may be missing
         manifest, count = hf.export(args.path, args.out, dtype=dtype)
-    except CheckpointError as exc:  # HFError too
+        tok.write_hf_files(tokenizer, args.out)
+    except (CheckpointError, tok.TokenizerError) as exc:  # HFError too
         return _err(str(exc))
     print(f"wrote {count} tensors of step {manifest['step']} to {args.out} (Hugging Face folder)")
+    print(f"with {tok.TOKENIZER_FILE} ({tokenizer.name}, vocab {tokenizer.vocab_size})")
     return 0
 
 
@@ -172,7 +177,7 @@ def add_ckpt_parser(subparsers) -> None:
         "--out",
         required=True,
         help="output file, e.g. model.pt; with --format hf a folder (config.json, "
-        "model.safetensors) for transformers' from_pretrained",
+        "model.safetensors, tokenizer.json) for transformers' from_pretrained",
     )
     export.add_argument("--format", choices=["torch", "safetensors", "hf"], default="torch")
     export.add_argument(

@@ -5,37 +5,80 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import traceback
-from dataclasses import fields
 from pathlib import Path
 
 from hpcpipe import config as cfg
 from hpcpipe import data
 from hpcpipe.cli.ckpt import add_ckpt_parser
-from hpcpipe.models import BUILTIN, get_spec
+from hpcpipe.cli.eval import add_eval_parser
+from hpcpipe.cli.generate import add_generate_parser
+from hpcpipe.models import BUILTIN, DEFAULT_ARCH
+
+
+def _toml(value) -> str:
+    """A default as it is written in TOML or after --section.key=."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, tuple):
+        return f"[{', '.join(map(_toml, value))}]"
+    return repr(value)
+
+
+def key_help(arch: str = DEFAULT_ARCH, sections=None, skip=None) -> str:
+    """`--section.key=VALUE  default: X  meaning` for each key of `sections` (default: all),
+    from the config field docs; keys whose (default, doc) `skip` holds are left out."""
+    wrap = textwrap.TextWrapper(
+        100, initial_indent="  ", subsequent_indent=" " * 6, break_on_hyphens=False
+    )
+    lines = []
+    for key, (default, doc) in cfg.key_docs(arch).items():
+        if sections and key.split(".")[0] not in sections:
+            continue
+        if skip and skip.get(key) == (default, doc):
+            continue
+        lines.append(wrap.fill(f"--{key}=VALUE  default: {_toml(default)}  {doc}"))
+    return "\n".join(lines)
+
+
+_INTRO = textwrap.fill(
+    "Train a model across MPI ranks. Every config key can be set in a [section] table of "
+    "--config or overridden as --section.key=VALUE; the [model] keys are those of "
+    f"model.arch={DEFAULT_ARCH} (model.arch=package.module:spec names your own family):",
+    100,
+)
 
 
 def _train_parser(sub) -> None:
     from hpcpipe.pipeline.schedule import SCHEDULES
 
-    keys = "\n".join(f"  --{k}=VALUE" for k in cfg.all_keys())
-    families = "\n".join(
-        f"  model.arch={arch}: " + " ".join(k.split(".")[1] for k in cfg.all_keys(arch)[:n])
+    shared = cfg.key_docs(DEFAULT_ARCH)
+    families = "".join(
+        f"\n[model] keys of model.arch={arch} (besides those above with the same default and "
+        f"meaning):\n{key_help(arch, ('model',), shared)}"
         for arch in BUILTIN
-        for n in [len(fields(get_spec(arch).config_class))]
+        if arch != DEFAULT_ARCH
     )
     short = "\n".join(f"  --{k:<13} same as --{v}" for k, v in cfg.SHORT_FLAGS.items())
     p = sub.add_parser(
         "train",
         help="train a model with pipeline parallelism (run under mpiexec -n N)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a model across MPI ranks. Every config key can be overridden "
-        f"(the [model] keys are the default family's):\n{keys}\n"
-        f"[model] keys of each built-in family (or model.arch=package.module:spec):\n"
-        f"{families}\nShort forms:\n{short}\nSchedules (schedule.name): {', '.join(SCHEDULES)}",
+        description=f"{_INTRO}\n{key_help()}\n{families}\nShort forms:\n{short}\n"
+        f"Schedules (schedule.name): {', '.join(SCHEDULES)}",
     )
     p.add_argument("--config", help="TOML file with [model] [train] [parallel] [schedule] [data]")
     p.add_argument("--metrics", help="write one JSON object per step to this file (rank 0)")
+    p.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="write TensorBoard event files to DIR (rank 0): every number of the metrics record "
+        "(loss, val_loss, lr, grad_norm, tokens_per_s, bubble, step_time, memory/*, loss_scale) "
+        "at each step; needs `pip install tensorboard`; view with `tensorboard --logdir DIR`",
+    )
     p.add_argument(
         "--trace",
         help="time every action of the last step on every rank; write one Chrome/Perfetto "
@@ -61,7 +104,7 @@ def _train_parser(sub) -> None:
 
 
 def _schedule_parser(sub) -> None:
-    from hpcpipe.pipeline.schedule import SCHEDULES
+    from hpcpipe.pipeline.schedule import FORWARD_SCHEDULES, SCHEDULES
 
     p = sub.add_parser(
         "schedule",
@@ -70,7 +113,8 @@ def _schedule_parser(sub) -> None:
         "it. With --fit TRACE, the costs are fitted from a measured `hpcpipe train --trace` run "
         "and the command predicts the given schedule/M/V.",
     )
-    p.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="schedule name")
+    names = sorted([*SCHEDULES, *FORWARD_SCHEDULES])  # forward-only: what evaluation runs
+    p.add_argument("--schedule", default="1f1b", choices=names, help="schedule name")
     p.add_argument("--stages", type=int, help="K, the number of pipeline ranks")
     p.add_argument("--microbatches", type=int, help="M, micro-batches per step")
     p.add_argument("--virtual", type=int, default=1, help="V, model chunks per rank")
@@ -111,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _topology_parser(sub)
     data.add_data_parser(sub)
     add_ckpt_parser(sub)
+    add_eval_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 
@@ -164,6 +210,10 @@ def run_train(args) -> int:
         from hpcpipe.train.trainer import make_blueprint
 
         injection_from_env()  # a malformed HPCPIPE_FAULT is a configuration error too
+        if args.tensorboard:
+            from hpcpipe.train.logs import require_tensorboard
+
+            require_tensorboard()  # on every rank: the same verdict, before any message
         effective = replan(config, comm.Get_size())[0] if config.parallel.elastic else config
         e = effective.parallel
         make_blueprint(
@@ -185,6 +235,7 @@ def run_train(args) -> int:
             trace_path=args.trace,
             resume=args.resume,
             init_from=args.init_from,
+            tensorboard=args.tensorboard,
         )
     except Stopped:
         return EXIT_REQUEUE

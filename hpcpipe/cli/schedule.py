@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 
 from hpcpipe.pipeline import draw
-from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, build_schedule, render_grid, to_csv
+from hpcpipe.pipeline.schedule import (
+    FORWARD_SCHEDULES,
+    SPLIT_BACKWARD,
+    build_schedule,
+    render_grid,
+    to_csv,
+)
 from hpcpipe.pipeline.simulate import Costs, fit_costs, simulate
 from hpcpipe.pipeline.trace import compute_timeline, read_trace
 
@@ -18,7 +24,9 @@ def costs_for(args, name: str) -> tuple[Costs, dict]:
         source = {"fitted_from": args.fit, "measured": meta}
     else:
         costs, source = Costs.parse(args.costs), {}
-    if name not in SPLIT_BACKWARD and costs.t_w:
+    if name in FORWARD_SCHEDULES:  # no backward: the ideal step is M forwards
+        costs = Costs(costs.t_f, 0.0, 0.0, costs.t_comm)
+    elif name not in SPLIT_BACKWARD and costs.t_w:
         # NOTE: schedules without W run the weight gradient inside B.
         costs = Costs(costs.t_f, costs.t_b + costs.t_w, 0.0, costs.t_comm)
     return costs, source

@@ -29,8 +29,11 @@ class ModelConfig:
     """Keys every family has: the training window and the vocabulary (data needs them)."""
 
     arch: str = ""
+    """Model family: gpt2, llama, or "package.module:attribute" naming your own ModelSpec."""
     seq_len: int = 64
+    """Tokens per training sequence (the context window trained on)."""
     vocab_size: int = 256
+    """Token ids the embedding and the head cover (256 for the byte tokenizer)."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,132 @@ def supports_selective_recompute(spec: ModelSpec, config) -> bool:
         for index in range(spec.num_layers(config)):
             layer = spec.build_layer(config, index)
             if any(hasattr(m, SELECTIVE_RECOMPUTE) for m in layer.modules()):
+                return True
+    return False
+
+
+# --- generation: key/value caches and positions ----------------------------------------------
+#
+# While generating, each stage keeps the keys and values of every token its attention layers
+# have seen, per sequence being generated (a micro-batch), so a step feeds only the new tokens.
+# A module whose output depends on other positions or on absolute positions declares
+#
+#     class Attention(nn.Module):
+#         decode_state = None  # the protocol: set_decode_state hands it a DecodeState
+#
+#         def forward(self, x):
+#             q, k, v = ...                       # rotary (if any) at state.offset + i
+#             if self.decode_state is not None:
+#                 k, v = self.decode_state.cache(self).extend(k, v)
+#             y = F.scaled_dot_product_attention(q, k, v, **causal_mask(q, k))
+#
+# and a learned position table reads `decode_state.offset` (the absolute position of the
+# first input token). With no state set (training, or generation that recomputes the whole
+# prefix) the modules behave as before. During generation a stage boundary carries
+# boundary_shape(config, batch) with its dim 1 (the sequence) set to the tokens in flight.
+# A family none of whose modules declares `decode_state` is refused for cached generation
+# (supports_decoding), since feeding it one token at a time would silently drop the prefix.
+
+DECODE_STATE = "decode_state"  # the attribute a module taking part in cached decoding declares
+
+
+class KVCache:
+    """Keys and values of one attention module for one sequence: (b, heads, length, head_dim).
+
+    With a capacity the buffers are allocated once and written in place (no copy per step);
+    without one each step concatenates.
+    """
+
+    def __init__(self, capacity: int = 0):
+        self.capacity, self.length = capacity, 0
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' k and v (dim 2); return every key and value so far."""
+        new = self.length + k.shape[2]
+        if self.capacity and new > self.capacity:
+            raise ValueError(f"key/value cache of {self.capacity} positions cannot take {new}")
+        if self.capacity:
+            if self.keys is None:
+                shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+                self.keys = k.new_empty(shape)
+                self.values = v.new_empty((*shape[:3], v.shape[3]))
+            self.keys[:, :, self.length : new] = k
+            self.values[:, :, self.length : new] = v
+            self.length = new
+            return self.keys[:, :, :new], self.values[:, :, :new]
+        self.keys = k if self.keys is None else torch.cat((self.keys, k), dim=2)
+        self.values = v if self.values is None else torch.cat((self.values, v), dim=2)
+        self.length = new
+        return self.keys, self.values
+
+
+class DecodeState:
+    """What a stage's modules read while generating: which sequence, and from which position.
+
+    Holds one KVCache per (micro-batch, module). `select(microbatch, offset)` before each
+    forward of the stage; `capacity(microbatch)` (positions a sequence may reach) lets caches
+    preallocate.
+    """
+
+    def __init__(self, capacity: Callable[[int], int] | None = None):
+        self._caches: dict[int, dict[nn.Module, KVCache]] = {}
+        self._capacity = capacity or (lambda microbatch: 0)
+        self.microbatch = 0
+        self.offset = 0
+
+    def select(self, microbatch: int, offset: int) -> None:
+        """The next forward is micro-batch `microbatch`, its first token at position `offset`."""
+        self.microbatch, self.offset = microbatch, offset
+
+    def cache(self, module: nn.Module) -> KVCache:
+        """`module`'s cache for the selected micro-batch (made on first use)."""
+        caches = self._caches.setdefault(self.microbatch, {})
+        if module not in caches:
+            caches[module] = KVCache(self._capacity(self.microbatch))
+        return caches[module]
+
+    def drop(self, microbatch: int) -> None:
+        """Free a finished sequence's caches."""
+        self._caches.pop(microbatch, None)
+
+
+def causal_mask(q: torch.Tensor, k: torch.Tensor) -> dict:
+    """scaled_dot_product_attention's mask arguments for queries that are the newest keys.
+
+    q: (..., t, d) new tokens; k: (..., length, d) with the t new ones last. Equal lengths are
+    the usual causal mask; one query sees every key; otherwise query i sees keys up to
+    length - t + i (a prompt fed after a cached prefix).
+    """
+    t, length = q.shape[-2], k.shape[-2]
+    if t == length:
+        return {"is_causal": True}
+    if t == 1:
+        return {}
+    mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)
+    return {"attn_mask": mask}
+
+
+def set_decode_state(module: nn.Module, state: DecodeState | None) -> int:
+    """Hand `state` (None: back to training behaviour) to every submodule declaring it.
+
+    Returns how many modules declare `decode_state`; a stage may hold none (Llama's embedding).
+    """
+    count = 0
+    for sub in module.modules():
+        if hasattr(sub, DECODE_STATE):
+            setattr(sub, DECODE_STATE, state)
+            count += 1
+    return count
+
+
+def supports_decoding(spec: ModelSpec, config) -> bool:
+    """Whether any layer of the model declares `decode_state` (counted on meta layers)."""
+    with torch.device("meta"):
+        for index in range(spec.num_layers(config)):
+            layer = spec.build_layer(config, index)
+            if any(hasattr(m, DECODE_STATE) for m in layer.modules()):
                 return True
     return False
 

@@ -350,3 +350,34 @@ def allreduce_(comm, tensor: torch.Tensor, op=None, timeout: float = 300.0) -> f
     if work is not tensor:
         tensor.copy_(work)
     return waited
+
+
+def allgather(comm, tensor: torch.Tensor, timeout: float = 300.0) -> torch.Tensor:
+    """Every rank's `tensor` (same shape everywhere) stacked along a new dim 0, in rank order.
+
+    Moves bytes only (no reduction), so 16-bit floats are fine; waits politely as allreduce_.
+    """
+    work = tensor.detach().cpu().contiguous()
+    out = torch.empty((comm.Get_size(), *work.shape), dtype=work.dtype)
+    request = comm.Iallgather(_message(work), _message(out))
+    wait_politely(
+        request,
+        time.monotonic() + timeout,
+        lambda: f"an allgather over {comm.Get_size()} ranks did not finish within {timeout:.0f} s",
+    )
+    return out.to(tensor.device)
+
+
+def broadcast_(comm, tensor: torch.Tensor, root: int = 0, timeout: float = 300.0) -> None:
+    """In place: `root`'s tensor on every rank of `comm` (waits politely as allreduce_)."""
+    if comm.Get_size() == 1:
+        return
+    work = tensor.detach().cpu().contiguous()
+    request = comm.Ibcast(_message(work), root=root)
+    wait_politely(
+        request,
+        time.monotonic() + timeout,
+        lambda: f"a broadcast over {comm.Get_size()} ranks did not finish within {timeout:.0f} s",
+    )
+    if work.data_ptr() != tensor.data_ptr():
+        tensor.copy_(work)

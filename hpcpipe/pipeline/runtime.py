@@ -79,6 +79,9 @@ class PipelineRuntime:
     # train.memory.SavedTensorMeter: counts every tensor saved in a stage forward and what the
     # runtime keeps per micro-batch; StepResult.peak_activation_bytes is its peak
     memory_meter: object | None = None
+    # Evaluation (a forward-only schedule): F runs under no_grad and keeps nothing for a
+    # backward; its input is freed at once, its output as soon as it is sent or consumed.
+    forward_only: bool = False
 
     def rank_of(self, stage: int) -> int:
         """Pipeline rank that holds a global stage."""
@@ -175,6 +178,8 @@ class PipelineRuntime:
             st.memory_output = meter.hold(out)
 
     def _forward(self, stage: int, mb: int) -> None:
+        if self.forward_only:
+            return self._forward_no_grad(stage, mb)
         st = self._st(stage, mb)
         st.inputs = self._forward_input(stage, mb)
         start = self._compute_start = time.perf_counter()  # after any wait for the input
@@ -188,6 +193,35 @@ class PipelineRuntime:
             st.outputs = out
         self._held += 1
         self._peak = max(self._peak, self._held)
+        self._busy += time.perf_counter() - start
+
+    def _forward_no_grad(self, stage: int, mb: int) -> None:
+        """Forward-only F: no graph; at most one micro-batch held (this one, until sent)."""
+        st = self._st(stage, mb)
+        if stage == 0:
+            inputs = self._micro[mb][0].to(self.device)
+        elif self.rank_of(stage - 1) == self.rank_of(stage):
+            upstream = self._state.pop((stage - 1, mb))  # handed over to this stage
+            inputs, upstream.outputs = upstream.outputs, None
+            self._release(upstream)
+        else:
+            if st.recv_input is None:
+                raise RuntimeError(f"no receive was posted for the input of {stage}F{mb}")
+            inputs = self.p2p.wait(st.recv_input)
+        start = self._compute_start = time.perf_counter()  # after any wait for the input
+        with torch.no_grad():
+            out = self._stage_forward(stage, mb, inputs)
+        del inputs
+        if st.recv_input is not None:  # the input is used up: its buffer goes back to the pool
+            self.p2p.release(st.recv_input)
+            st.recv_input = None
+        self._held += 1
+        self._peak = max(self._peak, self._held)
+        if self._is_last(stage):
+            self._loss += out.double().cpu()
+            self._release(self._state.pop((stage, mb)))
+        else:
+            st.outputs = out  # until SEND_F (or the next local stage's F) takes it
         self._busy += time.perf_counter() - start
 
     def _output_grad(self, stage: int, mb: int) -> torch.Tensor | None:
@@ -267,7 +301,10 @@ class PipelineRuntime:
         st = self._st(stage, mb)
         dest = stage + 1
         self.p2p.isend(st.outputs, self.rank_of(dest), self._tag(mb, dest, FORWARD))
-        if self._full_recompute:
+        if self.forward_only:  # p2p keeps the tensor alive until the send completes
+            st.outputs = None
+            self._release(self._state.pop((stage, mb)))
+        elif self._full_recompute:
             st.outputs = None  # backward recomputes it
 
     def _send_backward(self, stage: int, mb: int) -> None:

@@ -242,6 +242,27 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
 SPLIT_BACKWARD = frozenset({"zb-h1", "interleaved-zb"})
 
 
+def compute_forward_only(K: int, M: int, V: int = 1) -> Schedule:
+    """Evaluation (Megatron's forward_only, DeepSpeed's eval_batch): every F, no backward.
+
+    Each rank runs its forwards in the order of the global key (m // K, stage, m % K): groups
+    of K micro-batches, depth first over the rank's V chunks as interleaved 1F1B does. Every
+    dependency F(s-1, m) -> F(s, m) has a smaller key, so any M and V are deadlock free, and a
+    rank's output leaves right after it is made (its SEND_F follows): one micro-batch held.
+    """
+    _check_sizes(K, M, V)
+    schedule: Schedule = {}
+    for rank in range(K):
+        forwards = [(m // K, s, m % K) for s in range(rank, K * V, K) for m in range(M)]
+        schedule[rank] = [Action(s, Kind.F, g * K + i) for g, s, i in sorted(forwards)]
+    return schedule
+
+
+FORWARD_ONLY = "forward-only"
+# Schedules without backward: what evaluation runs, never a training schedule.
+FORWARD_SCHEDULES: dict[str, Callable[..., Schedule]] = {FORWARD_ONLY: compute_forward_only}
+
+
 # ---------------------------------------------------------------- lowering
 
 
@@ -289,13 +310,23 @@ def add_send_recv(compute: Schedule, K: int, V: int = 1) -> Schedule:
 
 
 def build_schedule(name: str, K: int, M: int, V: int = 1) -> Schedule:
-    """Generate a named schedule, lower it with comm actions, and validate it."""
-    if name not in SCHEDULES:
-        raise ScheduleError(f"unknown schedule {name!r}; valid names: {', '.join(SCHEDULES)}")
+    """Generate a named schedule, lower it with comm actions, and validate it.
+
+    name is a training schedule (SCHEDULES) or "forward-only" (FORWARD_SCHEDULES: evaluation).
+    """
+    generate = SCHEDULES.get(name) or FORWARD_SCHEDULES.get(name)
+    if generate is None:
+        valid = ", ".join([*SCHEDULES, *FORWARD_SCHEDULES])
+        raise ScheduleError(f"unknown schedule {name!r}; valid names: {valid}")
     _check_sizes(K, M, V)
-    schedule = add_send_recv(SCHEDULES[name](K, M, V), K, V)
-    validate(schedule, K, M, V)
+    schedule = add_send_recv(generate(K, M, V), K, V)
+    validate(schedule, K, M, V, forward_only=name in FORWARD_SCHEDULES)
     return schedule
+
+
+def forward_only_schedule(K: int, M: int, V: int = 1) -> Schedule:
+    """The validated forward-only schedule (F with its SEND_F/RECV_F) of K ranks, M, V."""
+    return build_schedule(FORWARD_ONLY, K, M, V)
 
 
 # ---------------------------------------------------------------- simulation
@@ -413,9 +444,10 @@ def render_grid(
 class _Checker:
     """Holds the schedule under validation so errors can attach the grid picture."""
 
-    def __init__(self, schedule: Schedule, K: int, M: int, V: int) -> None:
+    def __init__(self, schedule: Schedule, K: int, M: int, V: int, forward_only=False) -> None:
         self.schedule, self.K, self.M, self.V = schedule, K, M, V
         self.num_stages = K * V
+        self.forward_only = forward_only
 
     def fail(self, rank: int, action: Action, message: str) -> None:
         """Raise ScheduleError naming rank/action, with the marked grid attached."""
@@ -439,18 +471,26 @@ class _Checker:
                     self.fail(rank, a, f"stage {a.stage} lives on rank {owner}, not rank {rank}")
 
     def check_coverage(self) -> None:
-        """Every (stage, microbatch) has exactly one F and one B; at most one W."""
+        """Every (stage, microbatch) has exactly one F and one B; at most one W.
+
+        Forward-only: exactly one F each, and no backward action (B, W, SEND_B, RECV_B) at all.
+        """
         for rank, actions in self.schedule.items():
             # Duplicate comm actions are reported by check_matching, with the peer's view.
             counts = Counter(a for a in actions if a.is_compute)
             for a, n in counts.items():
                 if n > 1:
                     self.fail(rank, a, f"appears {n} times (microbatch {a.microbatch})")
+            if self.forward_only:
+                for a in actions:
+                    if a.kind not in (Kind.F, Kind.SEND_F, Kind.RECV_F):
+                        self.fail(rank, a, "a forward-only schedule has no backward actions")
+        kinds = (Kind.F,) if self.forward_only else (Kind.F, Kind.B)
         for s in range(self.num_stages):
             rank = stage_rank(s, self.K)
             present = set(self.schedule.get(rank, []))
             for m in range(self.M):
-                for kind in (Kind.F, Kind.B):
+                for kind in kinds:
                     if Action(s, kind, m) not in present:
                         self.fail(rank, Action(s, kind, m), f"missing (microbatch {m})")
 
@@ -549,8 +589,14 @@ def _counterpart(a: Action) -> Action:
     return Action(_peer_stage(a), twin[a.kind], a.microbatch)
 
 
-def peak_microbatches(actions: Sequence[Action]) -> int:
-    """Most micro-batches one rank's actions hold at once: from F until W (or B if no W)."""
+def peak_microbatches(actions: Sequence[Action], forward_only: bool = False) -> int:
+    """Most micro-batches one rank's actions hold at once: from F until W (or B if no W).
+
+    Forward-only: an F's input is freed when it ran and its output when sent (or consumed by
+    the next local stage), so a rank holds at most the one micro-batch it is working on.
+    """
+    if forward_only:
+        return int(any(a.kind == Kind.F for a in actions))
     has_w = {(a.stage, a.microbatch) for a in actions if a.kind == Kind.W}
     live = peak = 0
     for a in actions:
@@ -562,21 +608,28 @@ def peak_microbatches(actions: Sequence[Action]) -> int:
     return peak
 
 
-def _peak_activations(schedule: Schedule, K: int) -> dict[int, int]:
+def _peak_activations(schedule: Schedule, K: int, forward_only: bool = False) -> dict[int, int]:
     """Max over time of micro-batches held on each rank."""
-    return {rank: peak_microbatches(schedule.get(rank, [])) for rank in range(K)}
+    return {rank: peak_microbatches(schedule.get(rank, []), forward_only) for rank in range(K)}
 
 
-def validate(schedule: Schedule, K: int, M: int, V: int = 1) -> ValidationReport:
-    """Check coverage, local order, comm matching and deadlock freedom; raise ScheduleError."""
+def validate(
+    schedule: Schedule, K: int, M: int, V: int = 1, forward_only: bool = False
+) -> ValidationReport:
+    """Check coverage, local order, comm matching and deadlock freedom; raise ScheduleError.
+
+    forward_only: an evaluation schedule (one F per stage and micro-batch, no backward at all)
+    instead of a training one (every F has its B).
+    """
     _check_sizes(K, M, V)
-    checker = _Checker(schedule, K, M, V)
+    checker = _Checker(schedule, K, M, V, forward_only)
     checker.check_structure()
     checker.check_coverage()
     checker.check_local_order()
     checker.check_matching()
     sim = checker.check_deadlock()
-    return ValidationReport(_peak_activations(schedule, K), sim.ticks, sim.num_ticks)
+    peaks = _peak_activations(schedule, K, forward_only)
+    return ValidationReport(peaks, sim.ticks, sim.num_ticks)
 
 
 # ---------------------------------------------------------------- CSV

@@ -176,20 +176,21 @@ def _run(schedule: Schedule, K: int, V: int, costs: Costs) -> list[Timed]:
 
 
 def peak_activations(timeline: list[Timed], K: int) -> dict[int, int]:
-    """Max live micro-batch activations per rank: held from F start to W end (else B end)."""
-    starts, b_end, w_end, rank = {}, {}, {}, {}
+    """Max live micro-batch activations per rank: held from F start to W end (else B end; a
+    forward-only schedule's F frees its activations when it ends)."""
+    starts, f_end, b_end, w_end, rank = {}, {}, {}, {}, {}
     for t in timeline:
         key = (t.action.stage, t.action.microbatch)
         rank[key] = t.rank
         if t.action.kind == Kind.F:
-            starts[key] = t.start
+            starts[key], f_end[key] = t.start, t.end
         elif t.action.kind == Kind.B:
             b_end[key] = t.end
         else:
             w_end[key] = t.end
     events: dict[int, list] = {r: [] for r in range(K)}
     for key, start in starts.items():
-        release = w_end.get(key, b_end.get(key, float("inf")))
+        release = w_end.get(key, b_end.get(key, f_end[key]))
         events[rank[key]] += [(start, 1), (release, -1)]
     # Sorting (time, delta) frees before it allocates at equal times: intervals are half-open.
     return {r: _max_prefix(sorted(ev)) for r, ev in events.items()}
@@ -214,6 +215,10 @@ def summarize(timeline: list[Timed], K: int, M: int, costs: Costs) -> SimResult:
     # Idle counts against the whole step: waiting for the first input is bubble too.
     idle = {r: step - sum(t.end - t.start for t in ts) for r, ts in by_rank.items()}
     cost = max(span.values(), default=0)
+    if timeline and all(t.action.kind == Kind.F for t in timeline):
+        # NOTE: forward-only: nothing comes back to rank 0, so no span holds the fill and the
+        # drain; the pass lasts the whole step.
+        cost = step
     ideal = M * (costs.t_f + costs.t_b + costs.t_w)
     bubble = (cost - ideal) / cost if cost else 0.0
     return SimResult(timeline, step, span, bubble, peak_activations(timeline, K), idle)

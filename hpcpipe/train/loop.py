@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -14,7 +15,8 @@ from hpcpipe.config import Config
 from hpcpipe.parallel.grid import Grid, Topology
 from hpcpipe.parallel.p2p import allreduce_, wait_politely
 from hpcpipe.pipeline import trace as tracing
-from hpcpipe.train import fault, memory, recovery
+from hpcpipe.train import evaluate as evaluation
+from hpcpipe.train import fault, logs, memory, recovery
 from hpcpipe.train import state as train_state
 from hpcpipe.train.trainer import PipelineTrainer, describe_run, make_blueprint, pick_device
 
@@ -27,6 +29,7 @@ def train(
     trace_path: str | None = None,
     resume: str | None = None,
     init_from: str | None = None,
+    tensorboard: str | None = None,
 ) -> list[dict]:
     """Train until config.train.steps; rank 0 prints and writes metrics.
 
@@ -36,6 +39,8 @@ def train(
     init_from: an hpcpipe checkpoint or Hugging Face folder whose weights start the run (step
     0) when resume finds no checkpoint; config.model must be the one it describes (see
     hpcpipe.train.init_from.load_config).
+    tensorboard: a folder where rank 0 writes TensorBoard event files (every number of
+    each step's metrics record; hpcpipe.train.logs).
     Raises fault.Stopped after checkpointing when a rank received SIGTERM or SIGUSR1.
     """
     config, active = recovery.elastic_layout(config, comm, echo)
@@ -44,8 +49,9 @@ def train(
         return []
     stop = fault.StopRequest().install()
     try:
+        run = functools.partial(train_on, tensorboard=tensorboard)
         records = recovery.train_recovering(
-            train_on, active, config, metrics_path, echo, trace_path, resume, stop, init_from
+            run, active, config, metrics_path, echo, trace_path, resume, stop, init_from
         )
     finally:
         stop.restore()
@@ -171,7 +177,16 @@ def resume_newest(trainer: PipelineTrainer, candidates: list[str], say):
 
 
 def train_on(
-    comm, config, metrics_path, echo, trace_path, resume, stop, holder=None, init_from=None
+    comm,
+    config,
+    metrics_path,
+    echo,
+    trace_path,
+    resume,
+    stop,
+    holder=None,
+    init_from=None,
+    tensorboard=None,
 ):
     """Build this rank's trainer on `comm`, resume (or init from weights) if asked, and run.
 
@@ -230,27 +245,41 @@ def train_on(
         count = load_into(trainer, init_from)
         say(f"hpcpipe: initialised from {init_from} ({count} tensors)")
     sink = open(metrics_path, "a" if start else "w") if leader and metrics_path else None  # noqa: SIM115
+    board = None
+    if leader and tensorboard:
+        board = logs.TensorBoardLog(tensorboard, trainer.step_index + 1 if start else None)
     try:
-        records = step_loop(trainer, sink, say, trace_path)
+        records = step_loop(trainer, sink, say, trace_path, board)
     finally:
         if sink:
             sink.close()
+        if board:
+            board.close()
     grid.free()  # NOTE: not after a failure: the recovery revokes these communicators first
     return records
 
 
-def step_loop(trainer: PipelineTrainer, sink, say, trace_path) -> list[dict]:
-    """Steps until the end, an exit interval, or a stop signal (then checkpoint and raise)."""
+def step_loop(trainer: PipelineTrainer, sink, say, trace_path, board=None) -> list[dict]:
+    """Steps until the end, an exit interval, or a stop signal (then checkpoint and raise).
+
+    sink: the metrics file (JSON lines) or None; board: a logs.TensorBoardLog or None.
+    """
     config, records = trainer.config, []
+    eta = logs.Eta(config.train.steps)
     while trainer.step_index < config.train.steps:
         last = trainer.step_index == config.train.steps - 1
         record = trace_step(trainer, trace_path) if trace_path and last else trainer.train_step()
+        if evaluation.due(record["step"], config, last):  # collective: every rank evaluates
+            record.update(evaluation.metrics(trainer.evaluate()))
         records.append(record)
+        left = eta.update(record["step"], record["step_time"])
         if record["step"] % config.train.log_every == 0:
-            say(format_record(record, config.train.steps))
+            say(format_record(record, config.train.steps, left))
         if sink:
             sink.write(json.dumps(record) + "\n")
             sink.flush()
+        if board:
+            board.write(record)
         interval = config.train.exit_interval
         exiting = bool(interval) and trainer.step_index % interval == 0 and not last
         signalled = record.get("stop_requested", False) and not last
@@ -285,13 +314,17 @@ def say_predicted_memory(trainer: PipelineTrainer, say) -> None:
         say(memory.describe(sorted((p for p in gathered if p), key=lambda p: p["pp_rank"])))
 
 
-def format_record(record: dict, steps: int) -> str:
-    """One progress line."""
+def format_record(record: dict, steps: int, eta: float | None = None) -> str:
+    """One progress line; eta: seconds left (logs.Eta), shown when given."""
     norm = record["grad_norm"]
     norm = "skipped (overflow)" if norm is None else f"{norm:.3f}"
     scale = f" | loss scale {record['loss_scale']:g}" if "loss_scale" in record else ""
+    val = (f" | val_loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
+           if "val_loss" in record else "")  # fmt: skip
+    left = f" | eta {logs.format_duration(eta)}" if eta is not None else ""
     return (
         f"step {record['step']:>5}/{steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
         f"grad_norm {norm} | {record['tokens_per_s']:,.0f} tok/s | "
-        f"bubble {record['bubble']:.3f}{scale}"
+        f"bubble {record['bubble']:.3f} | step_time {logs.format_seconds(record['step_time'])}"
+        f"{val}{scale}{left}"
     )

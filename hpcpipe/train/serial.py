@@ -13,6 +13,7 @@ from hpcpipe import data
 from hpcpipe.config import HALF, TORCH_DTYPES, Config
 from hpcpipe.models import get_spec
 from hpcpipe.models.api import build_model
+from hpcpipe.train import evaluate as evaluation
 from hpcpipe.train import optim
 
 
@@ -29,11 +30,11 @@ class SerialTrainer:
         self.model = build_model(self.spec, config.model, config.train.seed).to(dtype=master)
         self.compute = copy.deepcopy(self.model).to(dtype=dtype) if master != dtype else self.model
         self.optimizer = optim.make_adamw(self.model.named_parameters(), config.train)
-        t = config.train
         if tokens is None:
             tokens = data.load_tokens(config.data.path or None, max_bytes=config.data.max_bytes)
         self.tokens = tokens
-        self.sampler = data.Sampler(len(tokens), config.model.seq_len, t.global_batch, t.seed)
+        self.sampler = evaluation.training_sampler(config, tokens)
+        self.validation: evaluation.ValidationSet | None = None
         self.step_index = 0
 
     def forward_backward(self) -> float:
@@ -49,6 +50,22 @@ class SerialTrainer:
             total += float(loss.detach().double())
             self._accumulate_in_master()
         return total
+
+    def evaluate(self) -> float:
+        """The oracle's validation loss: a plain forward over the same held-out micro-batches,
+        the mean of their losses."""
+        if self.validation is None:
+            self.validation = evaluation.validation_set(self.config, self.tokens)
+        batches = evaluation.microbatches(self.validation, self.config, dp_rank=0, dp=1)
+        total = torch.zeros((), dtype=torch.float64)
+        self.compute.train(False)
+        try:
+            with torch.no_grad():
+                for x, y in batches:
+                    total += self.spec.loss(self.compute(x), y).double()
+        finally:
+            self.compute.train(True)
+        return float(total / len(batches))
 
     def _accumulate_in_master(self) -> None:
         """16-bit: add this micro-batch's gradients into the float32 masters' (fp32 sums)."""

@@ -15,6 +15,7 @@ import math
 import torch
 
 from hpcpipe import config as cfg
+from hpcpipe import tokenizer
 from hpcpipe.checkpoint.format import Shard
 from hpcpipe.checkpoint.store import load_checkpoint, save_checkpoint
 from hpcpipe.parallel.tensor_parallel import shard_placement
@@ -123,9 +124,20 @@ def manifest(trainer) -> dict:
 
 
 def save(trainer, root) -> str:
-    """Collective: write this step's checkpoint under root; return the step directory."""
+    """Collective: write this step's checkpoint under root; return the step directory.
+
+    A run on a dataset with a subword tokenizer commits its tokenizer.json with the step
+    (rank 0 reads it from the dataset; the manifest records its sha256).
+    """
     g = trainer.grid
     zero = trainer.config.parallel.zero and trainer.config.parallel.dp > 1
+    meta, files = manifest(trainer), {}
+    if g.cart.Get_rank() == 0:  # only the leader's manifest and files are written
+        data_path = trainer.config.data.path or None
+        record = tokenizer.checkpoint_record(data_path)
+        if record is not None:
+            meta["tokenizer"] = record
+            files = tokenizer.checkpoint_files(data_path)
     path = save_checkpoint(
         root,
         trainer.step_index,
@@ -133,10 +145,11 @@ def save(trainer, root) -> str:
         shards(trainer),
         writer=zero or g.dp_rank == 0,  # ZeRO: each dp rank writes the shard it owns
         position=f"pp{g.pp_rank}_tp{g.tp_rank}" + (f"_dp{g.dp_rank}" if zero else ""),
-        manifest=manifest(trainer),
+        manifest=meta,
         keep=trainer.config.checkpoint.keep,
         timeout=trainer.config.parallel.timeout,
         on_dataset=_fault_hook(trainer),
+        files=files,
     )
     return str(path)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from hpcpipe import data
+from hpcpipe import data, tokenizer
 from hpcpipe.config import HALF, TORCH_DTYPES, Config, ConfigError, check_world
 from hpcpipe.models import get_spec
 from hpcpipe.models.api import (
@@ -26,8 +26,17 @@ from hpcpipe.parallel.p2p import P2P, allreduce_
 from hpcpipe.parallel.tensor_parallel import TPContext, parallelize_stage, require_plan
 from hpcpipe.pipeline.partition import Partition, PartitionError, partition_layers
 from hpcpipe.pipeline.runtime import PipelineRuntime, StepResult
-from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Schedule, ScheduleError, build_schedule
+from hpcpipe.pipeline.schedule import (
+    FORWARD_SCHEDULES,
+    SCHEDULES,
+    SPLIT_BACKWARD,
+    Schedule,
+    ScheduleError,
+    build_schedule,
+    forward_only_schedule,
+)
 from hpcpipe.pipeline.zero_bubble import WeightGradStore, enable_split_backward
+from hpcpipe.train import evaluate as evaluation
 from hpcpipe.train import fault, memory, optim
 from hpcpipe.train.precision import MasterOptimizer
 
@@ -49,8 +58,11 @@ class Blueprint:
     microbatch_size: int
 
 
-def make_blueprint(config: Config, world_size: int) -> Blueprint:
-    """Check the config against the world; derive partition and schedule (raises ConfigError)."""
+def make_blueprint(config: Config, world_size: int, data: bool = True) -> Blueprint:
+    """Check the config against the world; derive partition and schedule (raises ConfigError).
+
+    data=False skips the checks of config.data (for callers that bring their own tokens).
+    """
     check_world(config, world_size)
     p, s = config.parallel, config.schedule
     spec, model = get_spec(config.model.arch), config.model
@@ -61,6 +73,11 @@ def make_blueprint(config: Config, world_size: int) -> Blueprint:
         check_tensor_parallel(spec, model, p.tp)
         check_boundaries(spec, model, microbatch_size)
         costs = layer_costs(spec, model, p.balance)
+        if s.name in FORWARD_SCHEDULES:
+            raise ConfigError(
+                f"schedule.name={s.name!r} has no backward: it is what evaluation runs "
+                f"(train.eval_every, hpcpipe eval); train with one of {', '.join(SCHEDULES)}"
+            )
         schedule = build_schedule(s.name, p.pp, s.microbatches, s.virtual)
         partition = partition_layers(costs, num_stages, counts=p.partition or None)
     except (PartitionError, ScheduleError) as exc:
@@ -68,13 +85,28 @@ def make_blueprint(config: Config, world_size: int) -> Blueprint:
         raise ConfigError(f"{exc}{detail}") from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if data:
+        check_data(config)
+    return Blueprint(spec, model, partition, schedule, num_stages, microbatch_size)
+
+
+def check_data(config: Config) -> None:
+    """The token files exist and were tokenized with model.vocab_size (ConfigError)."""
     if config.data.path and not Path(config.data.path).is_file():
         raise ConfigError(
             f"data.path={config.data.path} does not exist; create it with "
             f"`hpcpipe data prepare --out {config.data.path} TEXT...` or leave data.path empty "
             "for the built-in corpus"
         )
-    return Blueprint(spec, model, partition, schedule, num_stages, microbatch_size)
+    if config.data.val_path and not Path(config.data.val_path).is_file():
+        raise ConfigError(
+            f"data.val_path={config.data.val_path} does not exist; create it with "
+            f"`hpcpipe data prepare --out {config.data.val_path} TEXT...` or leave it empty to "
+            "hold out data.val_fraction of the training windows"
+        )
+    tokenizer.check_vocab(config.model.vocab_size, config.data.path or None)
+    if config.data.val_path:
+        tokenizer.check_vocab(config.model.vocab_size, config.data.val_path)
 
 
 def check_tensor_parallel(spec: ModelSpec, model, tp: int) -> None:
@@ -149,6 +181,9 @@ class PipelineTrainer:
             memory_meter=self.memory.meter,
         )
         self.stop_request: fault.StopRequest | None = None
+        self.eval_runtime: PipelineRuntime | None = None  # built by the first evaluate()
+        self.validation: evaluation.ValidationSet | None = None
+        self.last_eval: StepResult | None = None  # what the last evaluation measured
 
     def _norm_ids(self, named) -> set[int]:
         """ids of the parameters whose squares this rank adds to the global norm (once each).
@@ -236,14 +271,14 @@ class PipelineTrainer:
         return 0 in self.stages or self.blueprint.num_stages - 1 in self.stages
 
     def _build_data(self, tokens=None):
-        """Tokens and sampler on the ranks holding the first or last stage (inputs / targets)."""
+        """Tokens and sampler on the ranks holding the first or last stage (inputs / targets);
+        the sampler never draws the windows held out for validation (train.evaluate)."""
         if not self._needs_data():
             return None, None
-        d, t = self.config.data, self.config.train
+        d = self.config.data
         if tokens is None:
             tokens = data.load_tokens(d.path or None, max_bytes=d.max_bytes)
-        sampler = data.Sampler(len(tokens), self.config.model.seq_len, t.global_batch, t.seed)
-        return sampler, tokens
+        return evaluation.training_sampler(self.config, tokens), tokens
 
     def next_microbatches(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """This step's micro-batches; ranks in the middle of the pipe get placeholders."""
@@ -255,6 +290,63 @@ class PipelineTrainer:
         starts = starts[self.grid.dp_rank * share : (self.grid.dp_rank + 1) * share]
         inputs, targets = data.make_batch(self.tokens, starts, self.config.model.seq_len)
         return data.split_microbatches(inputs, targets, M)
+
+    def evaluate(self) -> float:
+        """Mean validation loss over train.eval_batches global batches (collective).
+
+        The forward-only schedule through this rank's stages, by a second runtime: no graph,
+        at most one micro-batch held per rank; the family's loss (vocabulary-parallel under
+        tp) on the last stage, averaged over micro-batches and dp replicas as the training
+        loss is. Touches no training state: not the sampler, not the RNG, not a gradient.
+        """
+        runtime = self._eval_runtime()
+        batches = self._eval_microbatches()
+        rng = torch.get_rng_state()
+        modes = {s: stage.training for s, stage in self.stages.items()}
+        for stage in self.stages.values():
+            stage.train(False)
+        try:
+            result = runtime.step(batches)
+        finally:
+            for s, stage in self.stages.items():
+                stage.train(modes[s])
+            torch.set_rng_state(rng)
+        self.last_eval = result
+        # Like the training loss: on the last stage, the same on every tp rank (tp rank 0 counts).
+        loss = result.loss if self.grid.tp_rank == 0 else 0.0
+        total = torch.tensor([loss / self.config.parallel.dp], dtype=torch.float64)
+        allreduce_(self.grid.cart, total, timeout=self.config.parallel.timeout)
+        return float(total[0])
+
+    def _eval_runtime(self) -> PipelineRuntime:
+        """The forward-only runtime over this rank's stages (built once; shares the p2p)."""
+        if self.eval_runtime is None:
+            c, train = self.config, self.runtime
+            M = c.schedule.microbatches * c.train.eval_batches
+            schedule = forward_only_schedule(c.parallel.pp, M, c.schedule.virtual)
+            self.eval_runtime = PipelineRuntime(
+                stages=self.stages,
+                actions=schedule[self.pp_rank],
+                num_stages=self.blueprint.num_stages,
+                pp_size=c.parallel.pp,
+                p2p=train.p2p,
+                activation_shape=train.activation_shape,
+                dtype=self.dtype,
+                device=self.device,
+                loss_fn=self._loss_fn(),  # unscaled: no float16 loss scale in evaluation
+                world_rank=train.world_rank,
+                forward_only=True,
+            )
+        return self.eval_runtime
+
+    def _eval_microbatches(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Every micro-batch of one evaluation; ranks in the middle get placeholders."""
+        c = self.config
+        if self.tokens is None:
+            return [(None, None)] * (c.schedule.microbatches * c.train.eval_batches)
+        if self.validation is None:
+            self.validation = evaluation.validation_set(c, self.tokens)
+        return evaluation.microbatches(self.validation, c, self.grid.dp_rank)
 
     def forward_backward(self) -> StepResult:
         """Run the schedule once: gradients of this step are accumulated in .grad."""

@@ -17,6 +17,7 @@ from torch import nn
 from hpcpipe.models.api import (
     ModelConfig,
     attention_core,
+    causal_mask,
     embedding_blocks_head,
     hidden_states,
     mean_cross_entropy,
@@ -40,13 +41,22 @@ class GPT2Config(ModelConfig):
 
     arch: str = "gpt2"
     n_layers: int = 4
+    """Transformer blocks (the pipeline's layers are these plus the embedding and the head)."""
     d_model: int = 128
+    """Width of the residual stream."""
     n_heads: int = 4
+    """Attention heads (must divide d_model)."""
     mlp_ratio: int = 4
+    """MLP width as a multiple of d_model."""
     init_std: float = 0.02
-    tie_embeddings: bool = True  # lm_head.weight is tok.weight, as in GPT-2
-    activation: str = "gelu"  # or gelu_tanh: GPT-2's own checkpoints use the tanh form
-    max_positions: int = 0  # rows of the position table; 0 = seq_len
+    """Standard deviation of the normal weight init (residual projections scaled down by
+    sqrt(2 n_layers), as GPT-2)."""
+    tie_embeddings: bool = True
+    """The head's weight is the token embedding (lm_head.weight is tok.weight), as in GPT-2."""
+    activation: str = "gelu"
+    """MLP activation: gelu, or gelu_tanh (the form GPT-2's own checkpoints use)."""
+    max_positions: int = 0
+    """Rows of the learned position table; 0 = seq_len."""
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("n_layers", "d_model", "n_heads", "seq_len", "vocab_size"))
@@ -91,7 +101,9 @@ class GPT2Config(ModelConfig):
 
 
 class Embedding(nn.Module):
-    """Token embedding plus learned position embedding."""
+    """Token embedding plus learned position embedding (from decode_state.offset when set)."""
+
+    decode_state = None  # set by hpcpipe.models.api.set_decode_state while generating
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -100,9 +112,12 @@ class Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
-        if t > self.pos.num_embeddings:
-            raise ValueError(f"sequence of length {t} is longer than {self.pos.num_embeddings}")
-        pos = torch.arange(t, device=tokens.device)
+        start = 0 if self.decode_state is None else self.decode_state.offset
+        if start + t > self.pos.num_embeddings:
+            raise ValueError(
+                f"sequence of length {start + t} is longer than {self.pos.num_embeddings}"
+            )
+        pos = torch.arange(start, start + t, device=tokens.device)
         return self.tok(tokens) + self.pos(pos)
 
 
@@ -111,10 +126,12 @@ class CausalSelfAttention(nn.Module):
 
     The qkv rows are grouped per head ([q_h, k_h, v_h] for h = 0, 1, ...), as in Megatron, so
     the rows of any run of heads are one contiguous block: tensor parallelism takes a block.
-    The core (scores, softmax, weighted sum) is marked for selective recomputation.
+    The core (scores, softmax, weighted sum) is marked for selective recomputation; while
+    generating, keys and values are kept in decode_state's cache.
     """
 
     selective_recompute = False  # set by hpcpipe.models.api.enable_selective_recompute
+    decode_state = None  # set by hpcpipe.models.api.set_decode_state while generating
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -128,14 +145,17 @@ class CausalSelfAttention(nn.Module):
         heads = qkv.shape[-1] // (3 * self.head_dim)  # fewer when tensor-parallel
         # (b, t, heads, 3, head_dim) -> three (b, heads, t, head_dim)
         qkv = qkv.view(b, t, heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        y = attention_core(self, causal_attention, qkv[0], qkv[1], qkv[2])
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.decode_state is not None:
+            k, v = self.decode_state.cache(self).extend(k, v)
+        y = attention_core(self, causal_attention, q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The attention core: softmax(q k^T / sqrt(head_dim) + causal mask) v, per head."""
     # checked: deterministic and matches a hand-written masked softmax in float64 on CPU
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, **causal_mask(q, k))
 
 
 class MLP(nn.Module):

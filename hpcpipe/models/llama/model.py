@@ -18,6 +18,7 @@ from torch import nn
 from hpcpipe.models.api import (
     ModelConfig,
     attention_core,
+    causal_mask,
     embedding_blocks_head,
     hidden_states,
     mean_cross_entropy,
@@ -52,24 +53,42 @@ class LlamaConfig(ModelConfig):
 
     arch: str = "llama"
     n_layers: int = 4
+    """Transformer blocks (the pipeline's layers are these plus the embedding and the head)."""
     d_model: int = 128
+    """Width of the residual stream."""
     n_heads: int = 4
-    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads
-    ffn_hidden: int = 0  # MLP width; 0 = Llama 3's rule from d_model, multiple_of, multiplier
+    """Query heads (must divide d_model, with an even head size for the rotary embedding)."""
+    n_kv_heads: int = 0
+    """Key/value heads (grouped-query attention; must divide n_heads); 0 = n_heads."""
+    ffn_hidden: int = 0
+    """SwiGLU MLP width; 0 = Llama 3's rule from d_model, multiple_of and ffn_dim_multiplier."""
     multiple_of: int = 256
-    ffn_dim_multiplier: float = 0.0  # 0 = none
+    """The derived MLP width is rounded up to a multiple of this (when ffn_hidden is 0)."""
+    ffn_dim_multiplier: float = 0.0
+    """Multiplies the derived MLP width (when ffn_hidden is 0); 0 = none."""
     norm_eps: float = 1e-5
+    """RMSNorm's epsilon."""
     rope_theta: float = 10000.0
+    """Base of the rotary position embedding's frequencies."""
     init_std: float = 0.02
-    tie_embeddings: bool = False  # lm_head.weight is tok.weight (Llama 3.2 1B/3B)
-    max_positions: int = 0  # recorded for Hugging Face export only; 0 = seq_len
-    # RoPE scaling: "" = none, "llama3" = Llama 3.1/3.2's (HF rope_type "llama3"), whose
-    # parameters follow; they are unused without it
+    """Standard deviation of the normal weight init (output projections scaled down by
+    sqrt(2 n_layers))."""
+    tie_embeddings: bool = False
+    """The head's weight is the token embedding (lm_head.weight is tok.weight), as in Llama 3.2
+    1B/3B."""
+    max_positions: int = 0
+    """Maximum positions recorded for Hugging Face export only; 0 = seq_len."""
     rope_scaling: str = ""
+    """RoPE scaling: "" = none, "llama3" = Llama 3.1/3.2's (HF rope_type "llama3"), whose
+    parameters follow (unused without it)."""
     rope_factor: float = 8.0
+    """llama3 rope scaling: how much longer the context is than the original one."""
     rope_low_freq_factor: float = 1.0
+    """llama3 rope scaling: wavelengths above original_max_positions / this are scaled."""
     rope_high_freq_factor: float = 4.0
+    """llama3 rope scaling: wavelengths below original_max_positions / this are kept."""
     rope_original_max_positions: int = 8192
+    """llama3 rope scaling: the context length the model was first trained on."""
 
     def __post_init__(self) -> None:
         _ints(self, ("n_layers", "d_model", "n_heads", "seq_len", "vocab_size"), 1)
@@ -197,15 +216,17 @@ def inv_frequencies(head_dim: int, theta: float, device=None, llama3=None) -> to
     return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
 
 
-def rotary(length: int, head_dim: int, theta: float, like: torch.Tensor, llama3=None) -> tuple:
-    """(cos, sin) of shape (length, head_dim), computed as HF's LlamaRotaryEmbedding.
+def rotary(
+    length: int, head_dim: int, theta: float, like: torch.Tensor, llama3=None, start: int = 0
+) -> tuple:
+    """(cos, sin) of positions start..start+length-1, (length, head_dim), as HF computes them.
 
     Frequencies and angles in float32, then cast to the activations' dtype; llama3 as in
     inv_frequencies. Computed per call, never a buffer: layers are built on the meta device (a
     buffer would be garbage after to_empty) and buffers would leak into state dicts.
     """
     inv_freq = inv_frequencies(head_dim, theta, like.device, llama3)
-    positions = torch.arange(length, device=like.device).float()
+    positions = torch.arange(start, start + length, device=like.device).float()
     freqs = torch.outer(positions, inv_freq)
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
@@ -239,10 +260,12 @@ class Attention(nn.Module):
     Key/value head j serves query heads j*rep..(j+1)*rep-1 (HF's repeat_kv). Head counts are
     read from the weight shapes, so a tensor-parallel rank holding some groups works as is.
     The core (the key/value expansion, scores, softmax, weighted sum; not the rotary) is marked
-    for selective recomputation.
+    for selective recomputation. While generating, positions start at decode_state.offset and
+    the rotated keys and the values (not expanded) are kept in decode_state's cache.
     """
 
     selective_recompute = False  # set by hpcpipe.models.api.enable_selective_recompute
+    decode_state = None  # set by hpcpipe.models.api.set_decode_state while generating
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -256,8 +279,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = (self._heads(proj(x), b, t) for proj in (self.wq, self.wk, self.wv))
-        cos, sin = rotary(t, self.head_dim, self.theta, x, self.llama3)
+        state = self.decode_state
+        start = 0 if state is None else state.offset
+        cos, sin = rotary(t, self.head_dim, self.theta, x, self.llama3, start)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is not None:
+            k, v = state.cache(self).extend(k, v)
         y = attention_core(self, self._core, q, k, v)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -267,7 +294,8 @@ class Attention(nn.Module):
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # the scale passed as HF passes it (head_dim ** -0.5), so the two agree bit for bit
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
+        mask = causal_mask(q, k)
+        return F.scaled_dot_product_attention(q, k, v, **mask, scale=self.head_dim**-0.5)
 
     def _heads(self, x: torch.Tensor, b: int, t: int) -> torch.Tensor:
         """(b, t, heads * head_dim) -> (b, heads, t, head_dim)."""
