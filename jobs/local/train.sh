@@ -13,6 +13,7 @@ bash jobs/local/mpirun.sh "$ranks" .venv/bin/hpcpipe train \
     --checkpoint.dir="$run" --checkpoint.at_end=true "$@"
 # The sample is a bonus: training succeeded and its checkpoint is saved whatever happens here.
 echo "sample from $run:"
-if ! .venv/bin/hpcpipe generate --checkpoint "$run" --prompt "def " --max-new-tokens 64; then
+if ! .venv/bin/hpcpipe generate --checkpoint "$run" --prompt "def " --max-new-tokens 64 \
+        --temperature 0.8 --top-k 40 --seed 1; then
     echo "train.sh: no sample (hpcpipe generate failed); the checkpoint is in $run" >&2
 fi
