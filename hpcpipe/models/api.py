@@ -223,20 +223,30 @@ def enable_selective_recompute(module: nn.Module, enabled: bool = True) -> int:
     (supports_selective_recompute: a ConfigError on every rank alike, before any communication)
     rather than warned about, since it would run with none of the memory the user asked for.
     """
-    count = 0
-    for sub in module.modules():
-        if hasattr(sub, SELECTIVE_RECOMPUTE):
-            setattr(sub, SELECTIVE_RECOMPUTE, bool(enabled))
-            count += 1
-    return count
+    return _set_on_declaring(module, SELECTIVE_RECOMPUTE, bool(enabled))
 
 
 def supports_selective_recompute(spec: ModelSpec, config) -> bool:
     """Whether any layer of the model marks an attention core (counted on meta layers)."""
+    return _any_layer_declares(spec, config, SELECTIVE_RECOMPUTE)
+
+
+def _set_on_declaring(module: nn.Module, attribute: str, value) -> int:
+    """Set `attribute` on every submodule that declares it; return how many did."""
+    count = 0
+    for sub in module.modules():
+        if hasattr(sub, attribute):
+            setattr(sub, attribute, value)
+            count += 1
+    return count
+
+
+def _any_layer_declares(spec: ModelSpec, config, attribute: str) -> bool:
+    """Whether a module of any layer declares `attribute` (layers built on meta)."""
     with torch.device("meta"):
         for index in range(spec.num_layers(config)):
             layer = spec.build_layer(config, index)
-            if any(hasattr(m, SELECTIVE_RECOMPUTE) for m in layer.modules()):
+            if any(hasattr(m, attribute) for m in layer.modules()):
                 return True
     return False
 
@@ -349,22 +359,12 @@ def set_decode_state(module: nn.Module, state: DecodeState | None) -> int:
 
     Returns how many modules declare `decode_state`; a stage may hold none (Llama's embedding).
     """
-    count = 0
-    for sub in module.modules():
-        if hasattr(sub, DECODE_STATE):
-            setattr(sub, DECODE_STATE, state)
-            count += 1
-    return count
+    return _set_on_declaring(module, DECODE_STATE, state)
 
 
 def supports_decoding(spec: ModelSpec, config) -> bool:
     """Whether any layer of the model declares `decode_state` (counted on meta layers)."""
-    with torch.device("meta"):
-        for index in range(spec.num_layers(config)):
-            layer = spec.build_layer(config, index)
-            if any(hasattr(m, DECODE_STATE) for m in layer.modules()):
-                return True
-    return False
+    return _any_layer_declares(spec, config, DECODE_STATE)
 
 
 def resolve(target: str):

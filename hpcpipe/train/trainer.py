@@ -224,6 +224,11 @@ class PipelineTrainer:
             "comm": self.runtime.p2p.buffers(),
         }
 
+    def _static_tensors_for_memory(self):
+        """What the monitor needs around a step: the static tensors on CUDA (the allocator's
+        peak is corrected by their growth), nothing on CPU (the meter counts activations)."""
+        return self.memory_tensors() if self.memory.cuda else None
+
     def measured_memory(self) -> dict[str, int]:
         """This step's measured bytes by kind, of the rank holding the most (collective)."""
         mine = self.memory.measure(self.memory_tensors())
@@ -354,7 +359,7 @@ class PipelineTrainer:
             p.grad = None
         self.runtime.step_index = self.step_index
         self.reducer.start_step()
-        self.memory.begin_step(self.memory_tensors())
+        self.memory.begin_step(self._static_tensors_for_memory())
         self._multiplier = self.loss_multiplier()
         result = self.runtime.step(self.next_microbatches())
         # Tied copies are summed before the dp reduction (a sum either way; under ZeRO the
@@ -367,7 +372,7 @@ class PipelineTrainer:
                 for p in group.copies:
                     self.reducer.grad_ready(p)
         result.wait_seconds += self.reducer.finish()
-        self.memory.after_backward(self.memory_tensors())
+        self.memory.after_backward(self._static_tensors_for_memory())
         return result
 
     def finish_step(self, result: StepResult) -> dict:
