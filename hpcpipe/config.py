@@ -72,6 +72,9 @@ class TrainSection:
     the last one; 0 = never."""
     eval_batches: int = 4
     """Global batches of held-out windows per evaluation: the same windows every time."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one rank's device for the mfu metric; 0 = the device's known peak (A100,
+    H100, H200), none on CPU."""
 
 
 @dataclass(frozen=True)
@@ -442,6 +445,11 @@ def check_config(config: Config) -> None:
         f"{t.loss_scale_window} >= 0 and train.loss_scale_backoff={t.loss_scale_backoff} in (0, 1)",
     )
     _require(t.threads >= 1, f"train.threads must be >= 1 (got {t.threads})")
+    _require(
+        0 <= t.peak_tflops < float("inf"),
+        f"train.peak_tflops must be a finite number >= 0 (0 = the device's known peak; got "
+        f"{t.peak_tflops})",
+    )
     _require(p.timeout > 0, f"parallel.timeout must be > 0 seconds (got {p.timeout})")
     _require(
         not config.debug.fail_at or re.fullmatch(r"\d+:\d+:\d+[A-Z_]+\d+", config.debug.fail_at),

@@ -35,7 +35,7 @@ def test_train_on_prepared_text_writes_metrics(tmp_path):
     config.write_text('[schedule]\nname = "gpipe"\nmicrobatches = 4\n[train]\nsteps = 3\n')
     metrics = tmp_path / "metrics.jsonl"
     args = ["-m", "hpcpipe", "train", "--config", str(config), "--pp", "2", *TINY]
-    args += [f"--data.path={tokens}", "--metrics", str(metrics)]
+    args += [f"--data.path={tokens}", "--metrics", str(metrics), "--train.peak_tflops=0.5"]
     proc = run_mpi(2, args, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "schedule gpipe, M=4" in proc.stdout
@@ -46,6 +46,15 @@ def test_train_on_prepared_text_writes_metrics(tmp_path):
         assert {"step", "loss", "tokens_per_s", "bubble"} <= r.keys()
         assert 0.0 <= r["bubble"] < 1.0 and r["tokens_per_s"] > 0
     assert records[-1]["loss"] < records[0]["loss"]
+    # TINY's model FLOPs: Megatron's 72 B s l h^2 (1 + s/6h + V/12hl), V = 256 bytes, plus the
+    # 3 B s h of GPT-2's position add; per rank of the 2, over the given 0.5 TFLOP/s peak
+    B, s, l, h, V = 8, 16, 2, 32, 256
+    step_flops = 72 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * h * l)) + 3 * B * s * h
+    for r in records:
+        tflops = step_flops / r["step_time"] / 2 / 1e12
+        assert r["tflops_per_rank"] == pytest.approx(tflops, rel=1e-9)
+        assert r["mfu"] == pytest.approx(r["tflops_per_rank"] / 0.5, rel=1e-9)
+    assert proc.stdout.count(" TFLOP/s/rank | mfu ") == 3
 
 
 def test_a_failing_rank_ends_the_whole_job_quickly():

@@ -1,4 +1,4 @@
-"""Command line: `hpcpipe train|schedule|data|topology` (also `python -m hpcpipe`)."""
+"""Command line: `hpcpipe train|schedule|plan|data|topology|...` (also `python -m hpcpipe`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hpcpipe import data
 from hpcpipe.cli.ckpt import add_ckpt_parser
 from hpcpipe.cli.eval import add_eval_parser
 from hpcpipe.cli.generate import add_generate_parser
+from hpcpipe.cli.plan import add_plan_parser
 from hpcpipe.models import BUILTIN, DEFAULT_ARCH
 
 
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ckpt_parser(sub)
     add_eval_parser(sub)
     add_generate_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

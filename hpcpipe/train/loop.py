@@ -15,6 +15,7 @@ from hpcpipe.config import Config
 from hpcpipe.parallel.grid import Grid, Topology
 from hpcpipe.parallel.p2p import allreduce_, wait_politely
 from hpcpipe.pipeline import trace as tracing
+from hpcpipe.plan import devices, flops
 from hpcpipe.train import evaluate as evaluation
 from hpcpipe.train import fault, logs, memory, recovery
 from hpcpipe.train import state as train_state
@@ -266,9 +267,12 @@ def step_loop(trainer: PipelineTrainer, sink, say, trace_path, board=None) -> li
     """
     config, records = trainer.config, []
     eta = logs.Eta(config.train.steps)
+    step_flops, peak = model_flops_and_peak(trainer)
+    world = trainer.grid.cart.Get_size()
     while trainer.step_index < config.train.steps:
         last = trainer.step_index == config.train.steps - 1
         record = trace_step(trainer, trace_path) if trace_path and last else trainer.train_step()
+        record.update(flops.rank_throughput(step_flops, record["step_time"], world, peak))
         if evaluation.due(record["step"], config, last):  # collective: every rank evaluates
             record.update(evaluation.metrics(trainer.evaluate()))
         records.append(record)
@@ -292,6 +296,17 @@ def step_loop(trainer: PipelineTrainer, sink, say, trace_path, board=None) -> li
             say(f"hpcpipe: exit_interval reached at step {trainer.step_index}")
             break
     return records
+
+
+def model_flops_and_peak(trainer: PipelineTrainer) -> tuple[float | None, float | None]:
+    """Model FLOPs of one step (None when the family has no layer_flops) and the peak TFLOP/s
+    of one rank's device: train.peak_tflops, else the known peak (None on CPU, unknown GPUs)."""
+    spec, config = trainer.blueprint.spec, trainer.config
+    step_flops = None
+    if spec.layer_flops is not None:
+        step_flops = flops.model_flops_per_step(spec, config.model, config.train.global_batch)
+    peak = config.train.peak_tflops or devices.known_peak_tflops(trainer.device, config.train.dtype)
+    return step_flops, peak
 
 
 def maybe_save(trainer: PipelineTrainer, last: bool, say, force: bool = False) -> None:
@@ -324,7 +339,14 @@ def format_record(record: dict, steps: int, eta: float | None = None) -> str:
     left = f" | eta {logs.format_duration(eta)}" if eta is not None else ""
     return (
         f"step {record['step']:>5}/{steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-        f"grad_norm {norm} | {record['tokens_per_s']:,.0f} tok/s | "
+        f"grad_norm {norm} | {record['tokens_per_s']:,.0f} tok/s{format_flops(record)} | "
         f"bubble {record['bubble']:.3f} | step_time {logs.format_seconds(record['step_time'])}"
         f"{val}{scale}{left}"
     )
+
+
+def format_flops(record: dict) -> str:
+    """The progress line's throughput, "| 1.23 TFLOP/s/rank | mfu 41.2%", each part if known."""
+    rate, mfu = record.get("tflops_per_rank"), record.get("mfu")
+    text = f" | {rate:.3g} TFLOP/s/rank" if rate is not None else ""
+    return text + (f" | mfu {mfu:.1%}" if mfu is not None else "")

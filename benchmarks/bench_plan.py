@@ -1,0 +1,159 @@
+"""The planner against measured runs: predicted vs measured step time and memory, 4 ranks.
+
+    python benchmarks/bench_plan.py [--ranks 4] [--rounds 3] [--steps 8] [--out DIR]
+
+1. `mpiexec -n 4 hpcpipe plan --profile DIR/profile.json` times this machine's layers of the
+   benchmark GPT (F, B, W per micro-batch size and tp degree), its p2p and allreduce, and how
+   fast 1..4 processes run at once on its cores.
+2. `hpcpipe plan --device DIR/profile.json --gpus 4` ranks every layout; its first choice and
+   a fixed mix of others (dp, pp, tp, schedules, M, recomputation, ZeRO) are predicted.
+3. Each layout trains --steps steps under mpiexec, in --rounds interleaved rounds (every
+   layout once per round, so the VM's slow spells hit all of them); measured step time = the
+   median over rounds of each run's median step_time after 2 warm-up steps; measured memory =
+   the metrics' MAX-over-ranks total.
+Prints the table (error per layout, Spearman rank correlation, the first choice against the
+fastest measured) and writes DIR/bench_plan.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hpcpipe import config as cfg  # noqa: E402
+from hpcpipe.launch import mpi_env, mpiexec_command  # noqa: E402
+from hpcpipe.models import get_spec  # noqa: E402
+from hpcpipe.plan.machines import ProfileMachine  # noqa: E402
+from hpcpipe.plan.profile import groups_of, load_profile  # noqa: E402
+from hpcpipe.plan.search import memory_of, search  # noqa: E402
+from hpcpipe.plan.timemodel import Layout, PlanModel, predict  # noqa: E402
+
+MODEL = {"model.n_layers": 8, "model.d_model": 256, "model.n_heads": 4, "model.seq_len": 128,
+         "model.vocab_size": 256, "train.global_batch": 32, "train.dtype": "float32"}  # fmt: skip
+# (dp, pp, tp, V, M, schedule, recompute, zero): every axis and schedule family at 4 ranks
+MIX = [
+    (4, 1, 1, 1, 1, "1f1b", "false", 0),
+    (4, 1, 1, 1, 2, "1f1b", "false", 1),
+    (2, 2, 1, 1, 4, "1f1b", "false", 0),
+    (2, 2, 1, 1, 4, "zb-h1", "full", 1),
+    (1, 4, 1, 1, 8, "1f1b", "false", 0),
+    (1, 4, 1, 1, 8, "gpipe", "selective", 0),
+    (1, 4, 1, 2, 8, "interleaved", "false", 0),
+    (1, 4, 1, 1, 16, "zb-h1", "false", 0),
+    (2, 1, 2, 1, 2, "1f1b", "false", 0),
+    (1, 2, 2, 1, 4, "1f1b", "false", 0),
+    (1, 1, 4, 1, 1, "1f1b", "false", 0),
+]
+
+
+def flags(values: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
+                         timeout=timeout)  # fmt: skip
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def profile(ranks: int, path: Path) -> None:
+    run(mpiexec_command(ranks) + [sys.executable, "-m", "hpcpipe", "plan", "--profile", str(path),
+        *flags(MODEL)])  # fmt: skip
+
+
+def measure(ranks: int, layout: Layout, steps: int, tmp: Path) -> dict:
+    metrics = tmp / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    run(mpiexec_command(ranks) + [sys.executable, "-m", "hpcpipe", "train", *flags(MODEL),
+        *layout.flags(), "--steps", str(steps), "--metrics", str(metrics),
+        "--train.eval_every=0", "--train.log_every=1000"])  # fmt: skip
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "step_time" in r]
+    times = [r["step_time"] for r in records[2:]]
+    return {"step_s": statistics.median(times), "memory": max(r["memory"]["total"]
+            for r in records)}  # fmt: skip
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(xs):
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        out = [0.0] * len(xs)
+        for rank, i in enumerate(order):
+            out[i] = float(rank)
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    d2 = sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True))
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", help="folder for profile.json and bench_plan.json")
+    parser.add_argument("--profile", help="reuse this profile instead of measuring one")
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_plan_"))
+    out.mkdir(parents=True, exist_ok=True)
+    prof_path = Path(args.profile) if args.profile else out / "profile.json"
+    if not args.profile:
+        profile(args.ranks, prof_path)
+    config = cfg.build_config({}, cfg.parse_overrides({k: str(v) for k, v in MODEL.items()}))
+    spec = get_spec(config.model.arch)
+    plan = PlanModel(spec, config.model, config.train.dtype, config.train.global_batch)
+    machine = ProfileMachine(load_profile(prof_path), groups_of(spec, config.model))
+    result = search(plan, machine, args.ranks, top=5)
+    first = result.ranked[0].layout
+    layouts = [first] + [Layout(*m) for m in MIX if Layout(*m) != first]
+    predicted = {lay: predict(plan, machine, lay).step_s for lay in layouts}
+    memory = {lay: max(m["total"] - m.get("comm", 0) for m in memory_of(plan, lay))
+              for lay in layouts}  # fmt: skip
+    measured: dict[Layout, list[dict]] = {lay: [] for lay in layouts}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for lay in layouts:
+                measured[lay].append(measure(args.ranks, lay, args.steps, Path(tmp)))
+                print(f"round {r + 1} {lay}: {measured[lay][-1]}", flush=True)
+    rows = []
+    for lay in layouts:
+        step = statistics.median(m["step_s"] for m in measured[lay])
+        mem = statistics.median(m["memory"] for m in measured[lay])
+        rows.append({"layout": vars(lay), "predicted_s": predicted[lay], "measured_s": step,
+                     "error": predicted[lay] / step - 1, "predicted_memory": memory[lay],
+                     "measured_memory": mem, "memory_error": memory[lay] / mem - 1,
+                     "rounds": [m["step_s"] for m in measured[lay]]})  # fmt: skip
+    rho = spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows])
+    fastest = min(r["measured_s"] for r in rows)
+    report = {"rows": rows, "spearman": rho, "first_choice": vars(first),
+              "first_choice_vs_fastest": rows[0]["measured_s"] / fastest - 1,
+              "profile": str(prof_path), "machine": machine.profile.machine}  # fmt: skip
+    (out / "bench_plan.json").write_text(json.dumps(report, indent=1))
+    print(f"{'layout':<58} {'pred':>8} {'meas':>8} {'err':>6} {'pred mem':>9} {'meas mem':>9} "
+          f"{'err':>6}")  # fmt: skip
+    for r in rows:
+        lay = r["layout"]
+        name = (f"dp{lay['dp']} pp{lay['pp']} tp{lay['tp']} V{lay['virtual']} "
+                f"M{lay['microbatches']} {lay['schedule']} rc={lay['recompute']} z{lay['zero']}")
+        print(f"{name:<58} {r['predicted_s'] * 1e3:>6.0f}ms {r['measured_s'] * 1e3:>6.0f}ms "
+              f"{r['error'] * 100:>+5.1f}% {r['predicted_memory'] / 2**20:>7.1f}Mi "
+              f"{r['measured_memory'] / 2**20:>7.1f}Mi {r['memory_error'] * 100:>+5.1f}%")
+    print(f"Spearman {rho:.3f}; planner's first choice ({rows[0]['layout']}) measured "
+          f"{report['first_choice_vs_fastest'] * 100:+.1f}% vs the fastest measured")
+    print(f"wrote {out / 'bench_plan.json'}")
+
+
+if __name__ == "__main__":
+    main()
