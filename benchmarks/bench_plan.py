@@ -42,14 +42,15 @@ MODEL = {"model.n_layers": 8, "model.d_model": 256, "model.n_heads": 4, "model.s
 MIX = [
     (4, 1, 1, 1, 1, "1f1b", "false", 0),
     (4, 1, 1, 1, 2, "1f1b", "false", 1),
-    (2, 2, 1, 1, 4, "1f1b", "false", 0),
-    (2, 2, 1, 1, 4, "zb-h1", "full", 1),
-    (1, 4, 1, 1, 8, "1f1b", "false", 0),
+    (2, 2, 1, 1, 8, "1f1b", "full", 0),
+    (2, 2, 1, 1, 4, "zb-h1", "false", 1),
+    (1, 4, 1, 1, 4, "1f1b", "false", 0),
+    (1, 4, 1, 1, 16, "1f1b", "false", 0),
     (1, 4, 1, 1, 8, "gpipe", "selective", 0),
     (1, 4, 1, 2, 8, "interleaved", "false", 0),
-    (1, 4, 1, 1, 16, "zb-h1", "false", 0),
+    (1, 4, 1, 1, 8, "zb-h1", "false", 0),
     (2, 1, 2, 1, 2, "1f1b", "false", 0),
-    (1, 2, 2, 1, 4, "1f1b", "false", 0),
+    (1, 2, 2, 1, 8, "1f1b", "false", 0),
     (1, 1, 4, 1, 1, "1f1b", "false", 0),
 ]
 
@@ -145,13 +146,19 @@ def main() -> None:
           f"{'err':>6}")  # fmt: skip
     for r in rows:
         lay = r["layout"]
-        name = (f"dp{lay['dp']} pp{lay['pp']} tp{lay['tp']} V{lay['virtual']} "
-                f"M{lay['microbatches']} {lay['schedule']} rc={lay['recompute']} z{lay['zero']}")
-        print(f"{name:<58} {r['predicted_s'] * 1e3:>6.0f}ms {r['measured_s'] * 1e3:>6.0f}ms "
-              f"{r['error'] * 100:>+5.1f}% {r['predicted_memory'] / 2**20:>7.1f}Mi "
-              f"{r['measured_memory'] / 2**20:>7.1f}Mi {r['memory_error'] * 100:>+5.1f}%")
-    print(f"Spearman {rho:.3f}; planner's first choice ({rows[0]['layout']}) measured "
-          f"{report['first_choice_vs_fastest'] * 100:+.1f}% vs the fastest measured")
+        name = (
+            f"dp{lay['dp']} pp{lay['pp']} tp{lay['tp']} V{lay['virtual']} "
+            f"M{lay['microbatches']} {lay['schedule']} rc={lay['recompute']} z{lay['zero']}"
+        )
+        print(
+            f"{name:<58} {r['predicted_s'] * 1e3:>6.0f}ms {r['measured_s'] * 1e3:>6.0f}ms "
+            f"{r['error'] * 100:>+5.1f}% {r['predicted_memory'] / 2**20:>7.1f}Mi "
+            f"{r['measured_memory'] / 2**20:>7.1f}Mi {r['memory_error'] * 100:>+5.1f}%"
+        )
+    print(
+        f"Spearman {rho:.3f}; planner's first choice ({rows[0]['layout']}) measured "
+        f"{report['first_choice_vs_fastest'] * 100:+.1f}% vs the fastest measured"
+    )
     print(f"wrote {out / 'bench_plan.json'}")
 
 

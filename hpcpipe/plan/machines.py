@@ -7,6 +7,7 @@ fast each process runs when several share the machine's cores (None: each has it
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -74,7 +75,7 @@ class DeviceMachine:
             peak * GEMM_FRACTION, peak * ATTENTION_FRACTION, self.device.hbm_bytes_per_s
         )
 
-    def layer_times(self, spec, model, index, tp, batch, dtype, recompute, tp_comm):
+    def layer_times(self, spec, model, index, tp, batch, dtype, recompute, tp_comm, processes=1):
         """Roofline times, plus tp's all-reduces (tp_comm: their count per pass and bytes);
         selective recomputation redoes the attention kernels' forward in B."""
         key = (index, tp, batch, str(dtype), recompute, tp_comm)
@@ -137,8 +138,27 @@ class ProfileMachine:
 
     @property
     def speed(self) -> list[float]:
+        """Each process's rate with n busy, relative to the layer table's solo times.
+
+        The table's rows are short measurements of one process alone, which drift by 10-30 %
+        between profiles on a shared VM (turbo, the neighbour's load); the contention loop
+        runs the same F + BW of one block for seconds with 1..N busy, interleaved. So the
+        rate with n busy is the table's F + BW of that block over the loop's measured time
+        with n busy: fully loaded steps then take what the loop measured under full load.
+        """
         n = max(1, int(self.profile.world_size))
-        return [self.profile.speed(k) for k in range(1, 4 * n + 1)]
+        speeds = [self.profile.speed(k) for k in range(1, 4 * n + 1)]
+        return [s * self._anchor for s in speeds]
+
+    @functools.cached_property
+    def _anchor(self) -> float:
+        loop = self.profile.raw.get("contention", {})
+        seconds = loop.get("iteration_s")
+        if not seconds:
+            return 1.0  # an older profile: the table's solo times as they are
+        group, batch = loop["group"], loop["microbatch_size"]
+        table = sum(self.profile.layer_time(group, 1, batch, k) for k in ("f", "bw"))
+        return table / seconds[0]
 
     @property
     def step_overhead(self) -> float:
@@ -147,16 +167,28 @@ class ProfileMachine:
     def peak_tflops(self, dtype: str) -> float | None:
         return None
 
-    def layer_times(self, spec, model, index, tp, batch, dtype, recompute, tp_comm):
-        """Measured times (tp comm included), as work at the speed of a process alone: they
-        were measured with the tp group's processes busy together."""
-        group, alone = self.groups[index], self.profile.speed(tp)
+    def layer_times(self, spec, model, index, tp, batch, dtype, recompute, tp_comm, processes=1):
+        """Measured times, as work at the speed of a process alone (they were measured with
+        the tp group's processes busy together).
+
+        A tp > 1 layer is its share of the tp = 1 layer's compute plus time spent in its
+        all-reduces, waiting for the other tp ranks, which uses no core: while other
+        processes compute that wait does not stretch. Counted as work at the rate of all the
+        layout's `processes` busy, it lasts as long as measured when the cores are full.
+        """
+        group = self.groups[index]
         mode = "selective" if recompute == "selective" else "false"
-        f, b, w, bw = (
-            self.profile.layer_time(group, tp, batch, kind, mode) * alone
-            for kind in ("f", "b", "w", "bw")
-        )
-        return LayerTimes(f, b, w, bw)
+        kinds = ("f", "b", "w", "bw")
+        measured = [self.profile.layer_time(group, tp, batch, k, mode) for k in kinds]
+        if tp == 1:
+            return LayerTimes(*measured)
+        alone, full = self.profile.speed(tp), self.profile.speed(max(processes, tp))
+        work = []
+        for kind, t in zip(kinds, measured, strict=True):
+            compute = self.profile.layer_time(group, 1, batch, kind, mode) / tp
+            wait = max(0.0, t - compute / alone)
+            work.append(compute + wait * full)
+        return LayerTimes(*work)
 
     def p2p(self, nbytes: float, intra: bool) -> float:
         return self.profile.p2p_time(nbytes)
@@ -170,7 +202,10 @@ class ProfileMachine:
     allgather = reduce_scatter
 
     def optimizer(self, numel: float, half: bool) -> float:
-        return numel * float(self.profile.optimizer["seconds_per_param"])
+        # every rank steps at the same moment, so the cores are shared then too
+        rates = self.profile.optimizer
+        per_param = rates.get("seconds_per_param_all_busy") or rates["seconds_per_param"]
+        return numel * float(per_param)
 
 
 def element_size(dtype) -> int:

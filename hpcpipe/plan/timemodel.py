@@ -129,21 +129,30 @@ def stage_costs(plan: PlanModel, machine, layout: Layout) -> list[tuple[float, f
     for schedules without the split; full recomputation redoes the forward in B."""
     batch = layout.microbatch_size(plan.global_batch)
     split = layout.schedule in SPLIT_BACKWARD
-    key = (id(machine), layout.pp * layout.virtual, layout.tp, batch, split, layout.recompute)
+    procs = layout.dp * layout.pp * layout.tp
+    key = (
+        id(machine),
+        layout.pp * layout.virtual,
+        layout.tp,
+        batch,
+        split,
+        layout.recompute,
+        procs,
+    )
     if key not in plan.stage_cost_cache:
         plan.stage_cost_cache[key] = _stage_costs(plan, machine, layout, batch, split)
     return plan.stage_cost_cache[key]
 
 
 def _stage_costs(plan, machine, layout, batch, split) -> list[tuple[float, float, float]]:
+    processes = layout.dp * layout.pp * layout.tp
     out = []
     for layers in plan.partition(layout.pp * layout.virtual):
         f = b = w = 0.0
         for i in layers:
             comm = plan.tp_comm(i, layout.tp, batch)
-            t = machine.layer_times(
-                plan.spec, plan.model, i, layout.tp, batch, plan.dtype, layout.recompute, comm
-            )
+            t = machine.layer_times(plan.spec, plan.model, i, layout.tp, batch, plan.dtype,
+                                    layout.recompute, comm, processes)  # fmt: skip
             f += t.f
             b += t.b if split else t.bw
             w += t.w if split else 0.0
@@ -198,25 +207,50 @@ def simulate_layout(plan, machine, layout, keep_timeline=False):
     return plan.run_cache[key], (sim if keep_timeline else None)
 
 
+BUCKET_BYTES = 25 * 2**20  # GradReducer's default bucket size
+
+
+def _layer_buckets(plan, layout, layers: range, grad_size: int) -> list[tuple[int, float, int]]:
+    """(layer, bytes, count): the gradient buckets of a chunk in the order they become final,
+    as GradReducer builds them (the chunk's parameters in reverse, closed at 25 MiB); a bucket
+    is final when its earliest layer's backward is done. Layers are the granularity here: a
+    layer larger than a bucket is its own `count` buckets, final together."""
+    out, pending, size = [], None, 0.0
+    for i in reversed(layers):
+        nbytes = plan.layer_params[i] / layout.tp * grad_size
+        if nbytes >= BUCKET_BYTES:
+            if pending is not None:
+                out.append((pending, size, 1))
+                pending, size = None, 0.0
+            out.append((i, nbytes, math.ceil(nbytes / BUCKET_BYTES)))
+            continue
+        if pending is not None and size + nbytes > BUCKET_BYTES:
+            out.append((pending, size, 1))
+            size = 0.0
+        pending, size = i, size + nbytes
+    if pending is not None:
+        out.append((pending, size, 1))
+    return out
+
+
 def _reduction_end(plan, machine, layout, run: PipelineRun, intra) -> dict[int, float]:
-    """When each rank's last gradient bucket is reduced: a chunk's buckets become final
-    during its last backward (the last layers' first), reduced one after another."""
+    """When each rank's last gradient bucket is reduced: buckets become final during their
+    chunk's last backward action (the last layers' first; time inside the action in
+    proportion to the parameters done), reduced one after another on the dp axis."""
     if layout.dp == 1:
         return {}
     grad_size = 4 if plan.half else element_size(plan.dtype)
     stages = plan.partition(layout.pp * layout.virtual)
     reduce = machine.reduce_scatter if layout.zero else machine.allreduce
-    ends = {}
-    by_rank: dict[int, list] = {}
-    for end, dur, s, rank in run.last_backward:
-        by_rank.setdefault(rank, []).append((end, dur, s))
-    for rank, chunks in by_rank.items():
-        free = 0.0
-        for end, dur, s in sorted(chunks):
-            layers = len(stages[s])
-            ready = end - dur * (layers - 1) / layers  # the first layer's buckets are final
-            nbytes = plan.stage_params(stages[s]) / layout.tp * grad_size
-            free = max(free, ready) + reduce(layout.dp, nbytes, intra)
+    ends: dict[int, float] = {}
+    for end, dur, s, rank in sorted(run.last_backward):
+        layers = stages[s]
+        total = plan.stage_params(layers) or 1.0
+        free, done = ends.get(rank, 0.0), 0.0
+        for layer, nbytes, count in _layer_buckets(plan, layout, layers, grad_size):
+            done = plan.stage_params(range(layer, layers[-1] + 1))
+            ready = end - dur * (1 - done / total)
+            free = max(free, ready) + count * reduce(layout.dp, nbytes / count, intra)
         ends[rank] = free
     return ends
 
