@@ -154,8 +154,8 @@ class ProfileMachine:
     def _anchor(self) -> float:
         loop = self.profile.raw.get("contention", {})
         seconds = loop.get("iteration_s")
-        if not seconds or self.profile.busy(loop["group"], 1) > 1:
-            return 1.0  # rows timed under load (or an older profile): the table as it is
+        if not seconds:
+            return 1.0  # an older profile: the table's solo times as they are
         group, batch = loop["group"], loop["microbatch_size"]
         table = sum(self.profile.layer_time(group, 1, batch, k) for k in ("f", "bw"))
         return table / seconds[0]
@@ -168,8 +168,8 @@ class ProfileMachine:
         return None
 
     def layer_times(self, spec, model, index, tp, batch, dtype, recompute, tp_comm, processes=1):
-        """Measured times as work at the speed of a process alone: a row timed with b
-        processes busy at once took work / speed(b).
+        """Measured times, as work at the speed of a process alone (they were measured with
+        the tp group's processes busy together).
 
         A tp > 1 layer is its share of the tp = 1 layer's compute plus time spent in its
         all-reduces, waiting for the other tp ranks, which uses no core: while other
@@ -179,17 +179,14 @@ class ProfileMachine:
         group = self.groups[index]
         mode = "selective" if recompute == "selective" else "false"
         kinds = ("f", "b", "w", "bw")
-        raw = self.profile.speed
-        rate = raw(self.profile.busy(group, tp))
         measured = [self.profile.layer_time(group, tp, batch, k, mode) for k in kinds]
         if tp == 1:
-            return LayerTimes(*(t * rate for t in measured))
-        solo = raw(self.profile.busy(group, 1))
-        full = raw(max(processes, tp))
+            return LayerTimes(*measured)
+        alone, full = self.profile.speed(tp), self.profile.speed(max(processes, tp))
         work = []
         for kind, t in zip(kinds, measured, strict=True):
-            compute = self.profile.layer_time(group, 1, batch, kind, mode) * solo / tp
-            wait = max(0.0, t - compute / rate)
+            compute = self.profile.layer_time(group, 1, batch, kind, mode) / tp
+            wait = max(0.0, t - compute / alone)
             work.append(compute + wait * full)
         return LayerTimes(*work)
 

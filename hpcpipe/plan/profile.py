@@ -115,11 +115,6 @@ class Profile:
             )
         return max(0.0, interpolate([(m, row[kind]) for m, row in points], microbatch_size))
 
-    def busy(self, group: int, tp: int) -> int:
-        """How many processes computed at once while the rows of (group, tp) were timed."""
-        points = self.rows.get((group, tp, "false")) or []
-        return int(points[0][1].get("busy_processes", tp)) if points else tp
-
     def speed(self, n: int) -> float:
         """Speed of each of n busy processes relative to one alone (1.0 for n = 1).
 
@@ -522,16 +517,6 @@ class _Context:
         """All of `comm` (default the world) arrive; the early ones sleep while they wait."""
         polite_barrier(comm or self.comm, self.timeout)
 
-    def tp_groups(self, size: int):
-        """World ranks in consecutive groups of `size` (None on a leftover rank): every group
-        is timed at once, so layers are measured with the cores as loaded as in training."""
-        from mpi4py import MPI
-
-        groups = self.size // size
-        color = self.rank // size if self.rank < groups * size else MPI.UNDEFINED
-        sub = self.comm.Split(color, self.rank)
-        return None if sub == MPI.COMM_NULL else sub
-
     def first_ranks(self, size: int):
         """A communicator of world ranks 0..size-1 (None on the others): who gets timed."""
         from mpi4py import MPI
@@ -797,16 +782,13 @@ def _iteration(benches: dict) -> tuple[dict[str, float], float]:
 
 
 def _measure_layers(ctx: _Context, sizes, tps, say) -> list[dict]:
-    """Rows of every (tp, group, micro-batch size, recompute). Every full tp group of the
-    world computes the same point at once (rank 0's group's times are kept): on a machine whose
-    ranks share cores the rows then hold what a loaded step sees (busy_processes says how
-    many ran), not a lone process's time, which drifts by 10-30 % between profiles on a VM."""
+    """Rows of every (tp, group, micro-batch size, recompute); only tp group 0 computes."""
     from hpcpipe.parallel.tensor_parallel import TPContext
 
     rows = []
     for tp_size in tps:
         start = time.perf_counter()
-        sub = ctx.tp_groups(tp_size)
+        sub = ctx.first_ranks(tp_size)
         tp = None if sub is None else TPContext(sub, sub.Get_rank(), tp_size, ctx.timeout)
         for group in layer_groups(ctx.spec, ctx.model):
             rows += _measure_group(ctx, group, tp, tp_size, sizes)
@@ -819,8 +801,8 @@ def _measure_layers(ctx: _Context, sizes, tps, say) -> list[dict]:
 def _measure_group(ctx: _Context, group: dict, tp, tp_size: int, sizes) -> list[dict]:
     """The plain rows (F, B, W, BW) and, for a layer with an attention core, selective ones.
 
-    Every rank walks the same points; one left out of the tp groups goes straight to each
-    point's barrier and sleeps there.
+    Every rank walks the same points; those outside the tp group go straight to each point's
+    barrier and sleep there.
     """
     from hpcpipe.pipeline.zero_bubble import WeightGradStore
 
@@ -838,8 +820,7 @@ def _measure_group(ctx: _Context, group: dict, tp, tp_size: int, sizes) -> list[
                 "split": layer_bench(ctx, index, split, tp, mbs, store),
             }
             times = time_benches(ctx, benches, tp.comm, ctx.repeats)
-            busy = ctx.size // tp_size * tp_size
-            rows.append(_plain_row(group, tp_size, mbs, times, busy))
+            rows.append(_plain_row(group, tp_size, mbs, times))
         ctx.barrier()
         if group["attention_core"]:
             if member:
@@ -850,7 +831,7 @@ def _measure_group(ctx: _Context, group: dict, tp, tp_size: int, sizes) -> list[
     return rows if ctx.rank == 0 else []
 
 
-def _plain_row(group: dict, tp: int, mbs: int, times: dict, busy: int) -> dict:
+def _plain_row(group: dict, tp: int, mbs: int, times: dict) -> dict:
     """F and BW from the plain runtime; B and W from the split one (its F: f_split)."""
     return {
         "group": group["group"],
@@ -863,7 +844,7 @@ def _plain_row(group: dict, tp: int, mbs: int, times: dict, busy: int) -> dict:
         "w": times["split.W"],
         "bw": times["plain.B"],
         "f_split": times["split.F"],
-        "busy_processes": busy,
+        "busy_processes": tp,
         "repeats": times["repeats"],
     }
 
