@@ -198,7 +198,7 @@ def test_branch_and_bound_finds_the_exhaustive_best():
     assert pruned.simulated < exhaustive.simulated
 
 
-def test_memory_limit_rejects_and_reports_the_fastest_unfit(capsys):
+def test_memory_limit_rejects_and_reports_the_fastest_unfit():
     plan = plan_for()
     result = search(plan, UnitMachine(memory_bytes=1e3), gpus=2, top=2)
     assert not result.ranked
@@ -236,12 +236,10 @@ def test_cli_json_has_the_contract_keys(capsys, tmp_path):
     best = out["layouts"][0]
     assert best["fits"] and best["dp"] * best["pp"] * best["tp"] == 64
     assert 0 < best["mfu"] < 1
-    tokens = 512 * 8192
     assert best["tflops_per_gpu"] == pytest.approx(
         out["model_flops_per_step"] / best["predicted_step_s"] / 64 / 1e12
     )
     assert math.isclose(out["params"], 8.03e9, rel_tol=0.01)
-    assert tokens > 0
 
 
 def test_cli_refuses_a_missing_device_file(capsys):

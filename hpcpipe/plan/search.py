@@ -21,7 +21,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, ScheduleError
+from hpcpipe.pipeline.schedule import ScheduleError
 from hpcpipe.plan import flops
 from hpcpipe.plan.memory import layout_memory
 from hpcpipe.plan.timemodel import Layout, PlanModel, check_schedule, lower_bound, predict
@@ -155,7 +155,7 @@ def static_bytes(plan: PlanModel, layout: Layout) -> tuple[int, int]:
     return -worst[1], worst[0]
 
 
-def memory_of(plan: PlanModel, layout: Layout, device: str = "cpu") -> list[dict]:
+def memory_of(plan: PlanModel, layout: Layout) -> list[dict]:
     stages = plan.partition(layout.pp * layout.virtual)
     return layout_memory(
         plan.spec, plan.model, dtype=plan.dtype, dp=layout.dp, pp=layout.pp, tp=layout.tp,
@@ -255,7 +255,3 @@ def _rank(plan, layout, prediction, limit) -> Ranked:
     fits = max(r["total"] for r in memory) <= limit
     return Ranked(layout, prediction.step_s, prediction.bubble, prediction.dp_exposed_s,
                   prediction.optimizer_s, memory, fits, prediction)  # fmt: skip
-
-
-def is_split(layout: Layout) -> bool:
-    return layout.schedule in SPLIT_BACKWARD

@@ -16,8 +16,6 @@ import functools
 import math
 from dataclasses import dataclass
 
-import torch
-
 from hpcpipe.config import HALF, TORCH_DTYPES
 from hpcpipe.models import api
 from hpcpipe.pipeline.partition import partition_layers
@@ -336,7 +334,3 @@ def optimizer_time(plan: PlanModel, machine, layout: Layout, rank: int) -> float
     intra = layout.tp * layout.pp * layout.dp <= machine.gpus_per_node
     gather = machine.allgather(layout.dp, numel * element_size(plan.dtype), intra)
     return machine.optimizer(numel / layout.dp, plan.half) + gather
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return TORCH_DTYPES[name]
