@@ -52,6 +52,10 @@ MIX = [
     (2, 1, 2, 1, 2, "1f1b", "false", 0),
     (1, 2, 2, 1, 8, "1f1b", "false", 0),
     (1, 1, 4, 1, 1, "1f1b", "false", 0),
+    # pipelines with few micro-batches: ranks idle, so the cores are shared by fewer processes
+    (1, 4, 1, 1, 1, "gpipe", "false", 0),
+    (1, 4, 1, 1, 2, "1f1b", "false", 0),
+    (2, 2, 1, 1, 1, "1f1b", "false", 0),
 ]
 
 

@@ -79,6 +79,16 @@ def test_one_busy_process_runs_at_full_speed_and_two_no_faster(measured):
     assert 0 < measured.speed(2) <= 1.2  # 1.2: two cores and a noisy neighbour
 
 
+def test_the_contention_loop_runs_the_whole_model_at_the_size_nearest_its_target(measured):
+    from hpcpipe.plan.profile import CONTENTION_TARGET_S, model_f_bw
+
+    loop, raw = measured.raw["contention"], measured.raw
+    assert loop["layers"] == "all" and "group" not in loop
+    gaps = {m: abs(model_f_bw(raw, m) - CONTENTION_TARGET_S) for m in raw["microbatch_sizes"]}
+    assert gaps[loop["microbatch_size"]] == min(gaps.values())
+    assert len(loop["iteration_s"]) == 2 and all(t > 0 for t in loop["iteration_s"])
+
+
 def test_message_and_reduction_times_grow_with_their_size(measured):
     sizes = [8, 1024, 2**16, 2**20, 2**24]
     for times in (
@@ -326,5 +336,14 @@ def test_the_planner_anchors_the_layer_table_to_the_contention_loop(written):
     machine = ProfileMachine(load_profile(written(profile_data(contention=loop))), {})
     assert machine.speed[0] == pytest.approx(10 / 12.5)
     assert 10 / machine.speed[3] == pytest.approx(25.0)
+    # a loop over the whole model: the table's F + BW of every layer (groups 0 and 1: one
+    # embedding, 1 + 1.5 = 2.5 s at 4 sequences; two blocks, 2 x 10 s) over the loop's time
+    groups = [{"group": 0, "indices": [0]}, {"group": 1, "indices": [1, 2]}]
+    whole = {"speed": [1.0, 0.9, 0.6, 0.5], "iteration_s": [18.0, 20.0, 30.0, 36.0],
+             "layers": "all", "microbatch_size": 4}  # fmt: skip
+    data = profile_data(contention=whole, groups=groups)
+    machine = ProfileMachine(load_profile(written(data)), {})
+    assert machine.speed[0] == pytest.approx(22.5 / 18.0)
+    assert 22.5 / machine.speed[3] == pytest.approx(36.0)
     older = ProfileMachine(load_profile(written(profile_data())), {})
     assert older.speed[:4] == [1.0, 0.9, 0.6, 0.5]  # no loop times: the table as it is

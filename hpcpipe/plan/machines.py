@@ -15,6 +15,7 @@ import torch
 
 from hpcpipe.plan import roofline
 from hpcpipe.plan.devices import Device
+from hpcpipe.plan.profile import model_f_bw
 
 # Achieved fractions of peak (H100/A100 with cuBLAS and flash attention 2, as measured in
 # Megatron-LM's and FlashAttention-2's papers): large GEMMs ~75 %, attention kernels ~50 %.
@@ -156,8 +157,12 @@ class ProfileMachine:
         seconds = loop.get("iteration_s")
         if not seconds:
             return 1.0  # an older profile: the table's solo times as they are
-        group, batch = loop["group"], loop["microbatch_size"]
-        table = sum(self.profile.layer_time(group, 1, batch, k) for k in ("f", "bw"))
+        batch = loop["microbatch_size"]
+        if loop.get("layers") == "all":  # the loop ran the whole model
+            table = model_f_bw(self.profile.raw, batch)
+        else:  # an older profile's loop ran one layer of `group`
+            kinds = ("f", "bw")
+            table = sum(self.profile.layer_time(loop["group"], 1, batch, k) for k in kinds)
         return table / seconds[0]
 
     @property

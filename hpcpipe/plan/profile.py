@@ -6,7 +6,8 @@ timed through the code training runs, not through stand-ins:
 - layers: the PipelineRuntime's own F, B and W handlers (its trace times them) on one layer
   built, tensor-parallelized, selectively recomputed or split for a zero-bubble backward
   exactly as the trainer builds a stage; the last layer's times include the loss;
-- contention: that runtime on 1..N processes at once (how fast each runs when cores are shared);
+- contention: the whole model in that runtime on 1..N processes at once (how fast each runs
+  when cores are shared);
 - point-to-point: P2P's sends, receives and polite waits (a ping-pong);
 - all-reduce: the GradReducer's bucket reduction (data parallelism) and allreduce_ (tensor
   parallelism, the trainer's per-step sums);
@@ -693,8 +694,11 @@ def build_layer_stage(ctx: _Context, index: int, tp, *, selective=False, store=N
     return stage
 
 
-def layer_bench(ctx: _Context, index: int, stage, tp, mbs: int, store=None, recompute="false"):
-    """A LayerBench of `stage` (layer `index`) at micro-batch size `mbs`."""
+def layer_bench(
+    ctx: _Context, index: int, stage, tp, mbs: int, store=None, recompute="false", last=None
+):
+    """A LayerBench of `stage` (layers `index`..`last`, default just `index`) at micro-batch
+    size `mbs`."""
     from hpcpipe.pipeline.runtime import PipelineRuntime
     from hpcpipe.pipeline.schedule import Action, Kind
     from hpcpipe.train.memory import SavedTensorMeter
@@ -704,7 +708,7 @@ def layer_bench(ctx: _Context, index: int, stage, tp, mbs: int, store=None, reco
     stages = {} if index == 0 else {0: _Feeder(torch.randn(shape, dtype=ctx.dtype))}
     me = len(stages)
     stages[me] = stage
-    if index == spec.num_layers(model) - 1:
+    if (index if last is None else last) == spec.num_layers(model) - 1:
         loss_fn = spec.tp_plan().loss(model, tp) if tp.size > 1 else spec.loss
     else:
         stages[me + 1] = _Sink()
@@ -748,6 +752,10 @@ def time_benches(ctx: _Context, benches: dict, tp_comm, repeats: int) -> dict[st
     count = repeat_count(first, repeats)
     samples: dict[str, list[float]] = {}
     for _ in range(count):
+        if tp_comm.Get_size() > 1:
+            # NOTE: the group starts each iteration together: otherwise one rank's lead
+            # shows up as the other ranks' wait inside the layer's all-reduces
+            ctx.barrier(tp_comm)
         for key, seconds in _iteration(benches)[0].items():
             samples.setdefault(key, []).append(seconds)
     keys = sorted(samples)
@@ -901,13 +909,20 @@ def _measure_full_recompute(ctx: _Context, sizes) -> dict:
 def _measure_contention(ctx: _Context, profile: dict) -> dict:
     """speed[n-1]: the F + BW loop's rate on each of n processes at once over one alone.
 
-    Rounds over n = 1..N, each count's median kept: the load of other jobs on the machine
-    drifts, and the ratio needs n = 1 and n = N measured under the same load.
+    The loop runs the whole model as one stage (a dp-only training step without its
+    reduction), not one layer: a training stage runs its layers back to back, and one layer
+    between a feeder and a sink pays the runtime's per-action costs per layer, which made the
+    layer loop's loaded steps 15-20 % slower than measured ones. Rounds over n = 1..N, each
+    count's median kept: the load of other jobs on the machine drifts, and the ratio needs
+    n = 1 and n = N measured under the same load.
     """
-    group, mbs = _contention_layer(ctx, profile)
+    mbs = _contention_size(ctx, profile)
     tp = solo_tp(ctx)
-    index = group["indices"][0]
-    bench = layer_bench(ctx, index, build_layer_stage(ctx, index, tp), tp, mbs)
+    from hpcpipe.models.api import build_model
+
+    whole = build_model(ctx.spec, ctx.model, ctx.config.train.seed).to(dtype=ctx.dtype)
+    last = ctx.spec.num_layers(ctx.model) - 1
+    bench = layer_bench(ctx, 0, whole, tp, mbs, last=last)
     bench.run()  # warm-up, all ranks at once (allocations)
     rates = {busy: [] for busy in range(1, ctx.size + 1)}
     for _ in range(CONTENTION_ROUNDS):
@@ -919,7 +934,7 @@ def _measure_contention(ctx: _Context, profile: dict) -> dict:
         # the loop's F + BW seconds per iteration with n busy: long, interleaved windows, so
         # the planner anchors its layer table to them (see ProfileMachine.speed)
         "iteration_s": [1.0 / rate for rate in medians],
-        "group": group["group"],
+        "layers": "all",
         "microbatch_size": mbs,
         "window_s": CONTENTION_WINDOW_S,
         "rounds": CONTENTION_ROUNDS,
@@ -937,21 +952,33 @@ def _rate_per_process(ctx: _Context, bench: LayerBench, busy: int) -> float:
     return float(total[0]) / busy
 
 
-def _contention_layer(ctx: _Context, profile: dict) -> tuple[dict, int]:
-    """The most frequent group at the size whose tp=1 F + BW is nearest CONTENTION_TARGET_S
+def _contention_size(ctx: _Context, profile: dict) -> int:
+    """The micro-batch size whose whole-model F + BW at tp = 1 is nearest CONTENTION_TARGET_S
     (rank 0 decides: it has the times)."""
     choice = None
     if ctx.rank == 0:
-        group = _most_frequent(profile["groups"])
-        rows = [
-            r
-            for r in profile["layers"]
-            if r["group"] == group["group"] and r["tp"] == 1 and r["recompute"] == "false"
-        ]
-        row = min(rows, key=lambda r: abs(r["f"] + r["bw"] - CONTENTION_TARGET_S))
-        choice = (group, row["microbatch_size"])
+        choice = min(
+            profile["microbatch_sizes"],
+            key=lambda m: abs(model_f_bw(profile, m) - CONTENTION_TARGET_S),
+        )
     ctx.barrier()  # NOTE: so the blocking (spinning) broadcast below finds everyone there
     return ctx.comm.bcast(choice, root=0)
+
+
+def model_f_bw(profile: dict, mbs: int) -> float:
+    """The layer table's F + BW of every layer of the model at tp = 1, size `mbs`."""
+    total = 0.0
+    for group in profile["groups"]:
+        row = next(
+            r
+            for r in profile["layers"]
+            if r["group"] == group["group"]
+            and r["tp"] == 1
+            and r["recompute"] == "false"
+            and r["microbatch_size"] == mbs
+        )
+        total += len(group["indices"]) * (row["f"] + row["bw"])
+    return total
 
 
 def _loop_rate(bench: LayerBench, window: float) -> float:
