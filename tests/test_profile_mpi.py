@@ -347,3 +347,13 @@ def test_the_planner_anchors_the_layer_table_to_the_contention_loop(written):
     assert 22.5 / machine.speed[3] == pytest.approx(36.0)
     older = ProfileMachine(load_profile(written(profile_data())), {})
     assert older.speed[:4] == [1.0, 0.9, 0.6, 0.5]  # no loop times: the table as it is
+
+
+def test_the_split_backward_halves_sum_to_the_unsplit_backward_in_their_measured_shares(written):
+    from hpcpipe.plan.machines import ProfileMachine
+
+    # measured: b = 6, w = 3 (sum 9) but bw = 6: the planner keeps bw and the 2 : 1 shares
+    noisy = {**row(1, 4, 4.0), "b": 6.0, "w": 3.0, "bw": 6.0}
+    machine = ProfileMachine(load_profile(written(profile_data(layers=[noisy]))), {0: 1})
+    times = machine.layer_times(None, None, 0, 1, 4, "float32", "false", None)
+    assert (times.f, times.b, times.w, times.bw) == pytest.approx((4.0, 4.0, 2.0, 6.0))
