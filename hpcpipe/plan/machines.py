@@ -157,9 +157,10 @@ class ProfileMachine:
 
         The table's rows are short measurements of one process alone, which drift by 10-30 %
         between profiles on a shared VM (turbo, the neighbour's load); the contention loop
-        runs the same F + BW of one block for seconds with 1..N busy, interleaved. So the
-        rate with n busy is the table's F + BW of that block over the loop's measured time
-        with n busy: fully loaded steps then take what the loop measured under full load.
+        runs the F + BW of the whole model (older profiles: one block) for seconds with 1..N
+        busy, interleaved. So the rate with n busy is the table's F + BW of what the loop ran
+        over the loop's measured time with n busy: fully loaded steps then take what the loop
+        measured under full load.
         """
         n = max(1, int(self.profile.world_size))
         speeds = [self.profile.speed(k) for k in range(1, 4 * n + 1)]
