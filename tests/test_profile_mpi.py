@@ -148,9 +148,9 @@ def profile_data(**changes):
         "dtype": "float32",
         "model": {"arch": "gpt2"},
         "layers": [
-            row(1, 2, 2.0),
+            row(1, 2, 2.5),  # on the line f = 1 + 0.75 m
             row(1, 4, 4.0),
-            row(1, 8, 10.0),
+            row(1, 8, 7.0),
             row(0, 4, 1.0),
             row(1, 4, 5.0, recompute="selective"),
         ],  # fmt: skip
@@ -191,12 +191,28 @@ def profile(written):
 
 @pytest.mark.parametrize(
     "mbs, f",
-    [(2, 2.0), (3, 3.0), (4, 4.0), (6, 7.0), (8, 10.0), (16, 22.0), (1, 1.0)],
-    ids=["measured", "between", "measured", "between", "largest", "beyond", "below"],
+    [(2, 2.5), (4, 4.0), (8, 7.0), (6, 5.5), (16, 13.0), (1, 1.75)],
+    ids=["measured", "measured", "largest", "between", "beyond", "below"],
 )
-def test_layer_time_is_linear_between_sizes_and_extends_the_nearest_two(profile, mbs, f):
+def test_layer_time_is_a_fixed_part_plus_a_part_per_sequence(profile, mbs, f):
     assert profile.layer_time(1, 1, mbs, "f") == pytest.approx(f)
     assert profile.layer_time(1, 1, mbs, "bw") == pytest.approx(1.5 * f)
+
+
+def test_one_row_far_off_the_line_barely_moves_what_the_planner_reads(written):
+    # six sizes on f = 1 + 3 m, the one at 8 sequences measured 25 % slow (as in one profile)
+    sizes = (1, 2, 4, 8, 16, 32)
+    rows = [row(1, m, (1 + 3 * m) * (1.25 if m == 8 else 1.0)) for m in sizes]
+    profile = load_profile(written(profile_data(layers=rows)))
+    for m in sizes:
+        assert profile.layer_time(1, 1, m, "f") == pytest.approx(1 + 3 * m, rel=0.03), m
+
+
+def test_two_sizes_give_the_line_through_both_and_one_a_proportion():
+    from hpcpipe.plan.profile import per_sequence_fit
+
+    assert per_sequence_fit([(2, 5.0), (6, 9.0)]) == pytest.approx((3.0, 1.0))
+    assert per_sequence_fit([(4, 2.0)]) == pytest.approx((0.0, 0.5))
 
 
 def test_one_measured_size_scales_in_proportion(profile):

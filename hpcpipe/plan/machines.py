@@ -15,7 +15,6 @@ import torch
 
 from hpcpipe.plan import roofline
 from hpcpipe.plan.devices import Device
-from hpcpipe.plan.profile import model_f_bw
 
 # Achieved fractions of peak (H100/A100 with cuBLAS and flash attention 2, as measured in
 # Megatron-LM's and FlashAttention-2's papers): large GEMMs ~75 %, attention kernels ~50 %.
@@ -174,10 +173,15 @@ class ProfileMachine:
             return 1.0  # an older profile: the table's solo times as they are
         batch = loop["microbatch_size"]
         if loop.get("layers") == "all":  # the loop ran the whole model
-            table = model_f_bw(self.profile.raw, batch)
+            runs = [(g["group"], len(g["indices"])) for g in self.profile.groups]
         else:  # an older profile's loop ran one layer of `group`
-            kinds = ("f", "bw")
-            table = sum(self.profile.layer_time(loop["group"], 1, batch, k) for k in kinds)
+            runs = [(loop["group"], 1)]
+        # the table as the planner reads it (fitted), so the anchor sets its level exactly
+        table = sum(
+            count * self.profile.layer_time(group, 1, batch, kind)
+            for group, count in runs
+            for kind in ("f", "bw")
+        )
         return table / seconds[0]
 
     @property
