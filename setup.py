@@ -1,12 +1,14 @@
 """hpcpipe: pipeline-parallel transformer training over MPI."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="hpcpipe",
     version="0.1.0",
     description="Pipeline-parallel (and 3D-parallel) GPT training over MPI for HPC clusters",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hpcpipe", "hpcpipe.*"]),
     python_requires=">=3.11",
