@@ -107,14 +107,17 @@ class Profile:
                 f"recompute {recompute!r} is not one of {', '.join(RECOMPUTE_ROWS)}; "
                 f"{FULL_RECOMPUTE}"
             )
-        points = self.rows.get((group, tp, recompute)) or self.rows.get((group, tp, "false"))
+        rows = (
+            (group, tp, recompute) if (group, tp, recompute) in self.rows else (group, tp, "false")
+        )
+        points = self.rows.get(rows)
         if not points:
             measured = sorted({(g, t) for g, t, _ in self.rows})
             raise ValueError(
                 f"{self.path}: no layer times for group {group} at tp={tp}; measured "
                 f"(group, tp): {measured}; profile again with that tp degree"
             )
-        key = (group, tp, recompute if (group, tp, recompute) in self.rows else "false", kind)
+        key = (*rows, kind)
         if key not in self.fits:
             self.fits[key] = per_sequence_fit([(m, row[kind]) for m, row in points])
         fixed, per_sequence = self.fits[key]
