@@ -81,14 +81,34 @@ def test_one_busy_process_runs_at_full_speed_and_two_no_faster(measured):
     assert 0 < measured.speed(2) <= 1.3
 
 
-def test_the_contention_loop_runs_the_whole_model_at_the_size_nearest_its_target(measured):
-    from hpcpipe.plan.profile import CONTENTION_TARGET_S, model_f_bw
+def test_the_contention_loop_runs_the_whole_model_at_the_sizes_nearest_its_targets(measured):
+    from hpcpipe.plan.profile import CONTENTION_TARGETS_S, contention_sizes, model_f_bw
 
     loop, raw = measured.raw["contention"], measured.raw
     assert loop["layers"] == "all" and "group" not in loop
-    gaps = {m: abs(model_f_bw(raw, m) - CONTENTION_TARGET_S) for m in raw["microbatch_sizes"]}
-    assert gaps[loop["microbatch_size"]] == min(gaps.values())
-    assert len(loop["iteration_s"]) == 2 and all(t > 0 for t in loop["iteration_s"])
+    nearest = set()
+    for target in CONTENTION_TARGETS_S:
+        gaps = {m: abs(model_f_bw(raw, m) - target) for m in raw["microbatch_sizes"]}
+        nearest |= {m for m, gap in gaps.items() if gap == min(gaps.values())}
+    chosen = [size["microbatch_size"] for size in loop["sizes"]]
+    assert chosen == contention_sizes(raw) and set(chosen) <= nearest
+    for size in loop["sizes"]:
+        assert len(size["iteration_s"]) == 2 and all(t > 0 for t in size["iteration_s"])
+        assert size["window_s"] >= 4 * model_f_bw(raw, size["microbatch_size"])
+
+
+def test_the_loop_sizes_are_those_nearest_each_target_each_once():
+    from hpcpipe.plan.profile import contention_sizes
+
+    # one group of one layer, F + BW = 0.05 s per sequence: sizes 1..16 cost 0.05..0.8 s
+    sizes = [1, 2, 4, 8, 16]
+    layers = [{"group": 0, "tp": 1, "recompute": "false", "microbatch_size": m,
+               "f": 0.02 * m, "bw": 0.03 * m} for m in sizes]  # fmt: skip
+    profile = {"microbatch_sizes": sizes, "groups": [{"group": 0, "indices": [0]}],
+               "layers": layers}  # fmt: skip
+    assert contention_sizes(profile) == [2, 4, 8]  # nearest 0.1, 0.25 (0.2) and 0.5 (0.4) s
+    profile["microbatch_sizes"] = [1]
+    assert contention_sizes(profile) == [1]  # every target nearest the one size
 
 
 def test_message_and_reduction_times_grow_with_their_size(measured):
@@ -365,6 +385,17 @@ def test_the_planner_anchors_the_layer_table_to_the_contention_loop(written):
     assert 22.5 / machine.speed[3] == pytest.approx(36.0)
     older = ProfileMachine(load_profile(written(profile_data())), {})
     assert older.speed[:4] == [1.0, 0.9, 0.6, 0.5]  # no loop times: the table as it is
+    # the loop at three sizes: each size's table over its seconds, median per count (the
+    # table at 2, 4, 8 sequences: F + BW = 2.5 + 3.75, 4 + 6, 7 + 10.5 s for the block)
+    sizes = [{"microbatch_size": 2, "iteration_s": [6.25, 12.5, 20.0, 25.0]},
+             {"microbatch_size": 4, "iteration_s": [12.5, 13.9, 20.8, 25.0]},
+             {"microbatch_size": 8, "iteration_s": [17.5, 19.0, 29.0, 43.75]}]  # fmt: skip
+    loop = {"speed": [1.0, 0.9, 0.6, 0.5], "sizes": sizes, "group": 1}
+    machine = ProfileMachine(load_profile(written(profile_data(contention=loop))), {})
+    assert machine.speed[0] == pytest.approx(1.0)  # 1.0, 0.8, 1.0
+    assert machine.speed[1] == pytest.approx(10 / 13.9)  # 0.5, 0.719, 0.921
+    assert machine.speed[3] == pytest.approx(0.4)  # 0.25, 0.4, 0.4: one size off the others
+    assert machine.speed[7] == pytest.approx(0.4 * 4 / 8)  # beyond 4 busy: saturated
 
 
 def test_the_split_backward_halves_sum_to_the_unsplit_backward_in_their_measured_shares(written):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -157,32 +158,42 @@ class ProfileMachine:
         The table's rows are short measurements of one process alone, which drift by 10-30 %
         between profiles on a shared VM (turbo, the neighbour's load); the contention loop
         runs the F + BW of the whole model (older profiles: one block) for seconds with 1..N
-        busy, interleaved. So the rate with n busy is the table's F + BW of what the loop ran
-        over the loop's measured time with n busy: fully loaded steps then take what the loop
-        measured under full load.
+        busy, interleaved, at a few micro-batch sizes. So the rate with n busy is the table's
+        F + BW of what the loop ran over the loop's measured time with n busy (the median
+        over the loop's sizes): fully loaded steps then take what the loop measured under
+        full load. Beyond N busy the cores are taken as saturated.
         """
         n = max(1, int(self.profile.world_size))
-        speeds = [self.profile.speed(k) for k in range(1, 4 * n + 1)]
-        return [s * self._anchor for s in speeds]
+        anchored = self._anchored
+        if anchored is None:  # an older profile: the table's solo times as they are
+            return [self.profile.speed(k) for k in range(1, 4 * n + 1)]
+        return anchored + [
+            anchored[-1] * len(anchored) / k for k in range(len(anchored) + 1, 4 * n + 1)
+        ]
 
     @functools.cached_property
-    def _anchor(self) -> float:
+    def _anchored(self) -> list[float] | None:
         loop = self.profile.raw.get("contention", {})
-        seconds = loop.get("iteration_s")
-        if not seconds:
-            return 1.0  # an older profile: the table's solo times as they are
-        batch = loop["microbatch_size"]
+        sizes = loop.get("sizes")
+        if sizes is None and loop.get("iteration_s"):  # an older profile: one size
+            sizes = [
+                {"microbatch_size": loop["microbatch_size"], "iteration_s": loop["iteration_s"]}
+            ]
+        if not sizes:
+            return None
         if loop.get("layers") == "all":  # the loop ran the whole model
             runs = [(g["group"], len(g["indices"])) for g in self.profile.groups]
         else:  # an older profile's loop ran one layer of `group`
             runs = [(loop["group"], 1)]
-        # the table as the planner reads it (fitted), so the anchor sets its level exactly
-        table = sum(
-            count * self.profile.layer_time(group, 1, batch, kind)
-            for group, count in runs
-            for kind in ("f", "bw")
-        )
-        return table / seconds[0]
+        ratios = []  # per size: the table's F + BW (as the planner reads it) / loop seconds
+        for size in sizes:
+            table = sum(
+                count * self.profile.layer_time(group, 1, size["microbatch_size"], kind)
+                for group, count in runs
+                for kind in ("f", "bw")
+            )
+            ratios.append([table / seconds for seconds in size["iteration_s"]])
+        return [statistics.median(column) for column in zip(*ratios, strict=True)]
 
     @property
     def step_overhead(self) -> float:

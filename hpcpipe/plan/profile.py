@@ -58,9 +58,12 @@ WARMUPS = 2  # untimed iterations before each measured point
 SLOW_ITERATION_S = 0.25  # an iteration this slow warms up once: its allocations are made
 POINT_BUDGET_S = 1.0  # a point slower than this in all is timed fewer times (at least 3)
 FAST_POINT_S = 0.25  # one faster than this takes up to 3x the repeats (see repeat_count)
-CONTENTION_WINDOW_S = 1.5  # seconds each count of busy processes runs the block loop...
+CONTENTION_WINDOW_S = 1.5  # seconds (at least) each count of busy processes runs the loop...
 CONTENTION_ROUNDS = 3  # ...in each of these rounds over 1..N (the median per count is kept)
-CONTENTION_TARGET_S = 0.1  # the contention loop uses the size whose F + BW is nearest this
+CONTENTION_ITERATIONS = 4  # ...and at least this many solo iterations' worth of time
+# the loop runs at the sizes whose whole-model F + BW is nearest each of these: the sizes
+# training steps use (a few to several sequences per micro-batch), not only the smallest
+CONTENTION_TARGETS_S = (0.1, 0.25, 0.5)
 PING_PONG_ROUNDS = 16
 COLLECTIVE_REPEATS = 8
 
@@ -927,60 +930,77 @@ def _measure_full_recompute(ctx: _Context, sizes) -> dict:
 
 
 def _measure_contention(ctx: _Context, profile: dict) -> dict:
-    """speed[n-1]: the F + BW loop's rate on each of n processes at once over one alone.
+    """How fast the whole model's F + BW loop runs on each of n = 1..N processes at once.
 
     The loop runs the whole model as one stage (a dp-only training step without its
     reduction), not one layer: a training stage runs its layers back to back, and one layer
     between a feeder and a sink pays the runtime's per-action costs per layer, which made the
-    layer loop's loaded steps 15-20 % slower than measured ones. Rounds over n = 1..N, each
-    count's median kept: the load of other jobs on the machine drifts, and the ratio needs
-    n = 1 and n = N measured under the same load.
+    layer loop's loaded steps 15-20 % slower than measured ones. It runs at a few sizes
+    (contention_sizes), in rounds over every (size, n), each pair's median kept: the load of
+    other jobs on the machine drifts, and n = 1 and n = N must be measured under the same
+    load. speed[n-1] is the median over sizes of the rate with n busy over the rate alone;
+    "sizes" keeps each size's seconds per iteration, to which the planner anchors its layer
+    table (see ProfileMachine.speed).
     """
-    mbs = _contention_size(ctx, profile)
+    windows = _contention_windows(ctx, profile)
+    sizes = sorted(windows)
     tp = solo_tp(ctx)
     from hpcpipe.models.api import build_model
 
     whole = build_model(ctx.spec, ctx.model, ctx.config.train.seed).to(dtype=ctx.dtype)
     last = ctx.spec.num_layers(ctx.model) - 1
-    bench = layer_bench(ctx, 0, whole, tp, mbs, last=last)
-    bench.run()  # warm-up, all ranks at once (allocations)
-    rates = {busy: [] for busy in range(1, ctx.size + 1)}
+    benches = {m: layer_bench(ctx, 0, whole, tp, m, last=last) for m in sizes}
+    for bench in benches.values():
+        bench.run()  # warm-up, all ranks at once (allocations)
+    counts = range(1, ctx.size + 1)
+    rates = {(m, busy): [] for m in sizes for busy in counts}
     for _ in range(CONTENTION_ROUNDS):
-        for busy in rates:
-            rates[busy].append(_rate_per_process(ctx, bench, busy))
-    medians = [statistics.median(rates[busy]) for busy in rates]
+        for m, busy in rates:
+            rates[m, busy].append(_rate_per_process(ctx, benches[m], busy, windows[m]))
+    seconds = {m: [1.0 / statistics.median(rates[m, busy]) for busy in counts] for m in sizes}
+    speed = [
+        statistics.median(seconds[m][0] / seconds[m][busy - 1] for m in sizes) for busy in counts
+    ]
     return {
-        "speed": [rate / medians[0] for rate in medians],
-        # the loop's F + BW seconds per iteration with n busy: long, interleaved windows, so
-        # the planner anchors its layer table to them (see ProfileMachine.speed)
-        "iteration_s": [1.0 / rate for rate in medians],
+        "speed": speed,
+        "sizes": [
+            {"microbatch_size": m, "iteration_s": seconds[m], "window_s": windows[m]} for m in sizes
+        ],
         "layers": "all",
-        "microbatch_size": mbs,
-        "window_s": CONTENTION_WINDOW_S,
         "rounds": CONTENTION_ROUNDS,
     }
 
 
-def _rate_per_process(ctx: _Context, bench: LayerBench, busy: int) -> float:
+def _rate_per_process(ctx: _Context, bench: LayerBench, busy: int, window: float) -> float:
     """Mean iterations per second of world ranks 0..busy-1 running the bench at once."""
     from hpcpipe.parallel.p2p import allreduce_
 
     ctx.barrier()
-    rate = _loop_rate(bench, CONTENTION_WINDOW_S) if ctx.rank < busy else 0.0
+    rate = _loop_rate(bench, window) if ctx.rank < busy else 0.0
     total = torch.tensor([rate], dtype=torch.float64)
     allreduce_(ctx.comm, total, timeout=ctx.timeout)
     return float(total[0]) / busy
 
 
-def _contention_size(ctx: _Context, profile: dict) -> int:
-    """The micro-batch size whose whole-model F + BW at tp = 1 is nearest CONTENTION_TARGET_S
-    (rank 0 decides: it has the times)."""
+def _contention_window(profile: dict, mbs: int) -> float:
+    """Seconds each (size, n) runs: long enough for a few loaded iterations at that size."""
+    return max(CONTENTION_WINDOW_S, CONTENTION_ITERATIONS * model_f_bw(profile, mbs))
+
+
+def contention_sizes(profile: dict) -> list[int]:
+    """The micro-batch sizes whose whole-model F + BW at tp = 1 is nearest each of
+    CONTENTION_TARGETS_S (each size once, smallest first)."""
+    sizes = profile["microbatch_sizes"]
+    return sorted(
+        {min(sizes, key=lambda m: abs(model_f_bw(profile, m) - t)) for t in CONTENTION_TARGETS_S}
+    )
+
+
+def _contention_windows(ctx: _Context, profile: dict) -> dict[int, float]:
+    """contention_sizes and each one's window, decided by rank 0 (it has the times)."""
     choice = None
     if ctx.rank == 0:
-        choice = min(
-            profile["microbatch_sizes"],
-            key=lambda m: abs(model_f_bw(profile, m) - CONTENTION_TARGET_S),
-        )
+        choice = {m: _contention_window(profile, m) for m in contention_sizes(profile)}
     ctx.barrier()  # NOTE: so the blocking (spinning) broadcast below finds everyone there
     return ctx.comm.bcast(choice, root=0)
 
