@@ -136,7 +136,7 @@ def recompute_mode(value: Any, key: str = "schedule.recompute") -> str:
 @dataclass(frozen=True)
 class ScheduleSection:
     name: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b, interleaved, zb-h1 or interleaved-zb."""
+    """Pipeline schedule: gpipe, 1f1b, interleaved, zb-h1, zb-h2, interleaved-zb or zb-auto."""
     microbatches: int = 4
     """M: micro-batches per step on each dp replica (must divide its share of the batch)."""
     recompute: str = "false"
@@ -144,6 +144,16 @@ class ScheduleSection:
     stage's forward in backward, "selective" only the attention cores (RECOMPUTE_MODES)."""
     virtual: int = 1
     """V: model chunks per pipeline rank (interleaved schedules)."""
+    memory_limit: float = 1.0
+    """zb-auto: micro-batches each rank may hold, as a multiple of 1F1B's peak (min(pp, M));
+    2.0 is the Zero Bubble paper's ZB-2p."""
+    costs: str = ""
+    """zb-auto: "T_F,T_B,T_W,T_comm" of one stage per micro-batch (e.g. from `hpcpipe schedule
+    --fit TRACE --format json`'s costs); "" = equal F, I and W, no comm time."""
+    csv: str = ""
+    """A schedule file to run instead of schedule.name's: `hpcpipe schedule --format csv`'s or
+    torch's _dump_csv of its own schedules (compute order read; F, B, I, W as torch writes
+    them). It must be for pp ranks, schedule.microbatches and schedule.virtual."""
 
     def __post_init__(self) -> None:
         # normalised here too, so ScheduleSection(recompute=True) also stores "full"
@@ -409,6 +419,14 @@ def check_config(config: Config) -> None:
     _require(t.global_batch >= 1, f"train.global_batch must be >= 1 (got {t.global_batch})")
     _require(s.microbatches >= 1, f"schedule.microbatches must be >= 1 (got {s.microbatches})")
     _require(s.virtual >= 1, f"schedule.virtual must be >= 1 (got {s.virtual})")
+    _require(s.memory_limit > 0, f"schedule.memory_limit must be > 0 (got {s.memory_limit})")
+    if s.costs:
+        from hpcpipe.pipeline.simulate import Costs
+
+        try:
+            Costs.parse(s.costs)
+        except ValueError as exc:
+            raise ConfigError(f"schedule.costs: {exc}") from None
     if s.recompute == "selective":
         _require(
             supports_selective_recompute(get_spec(m.arch), m),

@@ -88,8 +88,28 @@ def llama_cases(world: int) -> list[dict]:
     return out
 
 
+# Schedules II (ZB-H2, zb-auto): fewer cases, so the suite stays short; the schedules' own
+# structure is checked on the whole grid serially (tests/test_zero_bubble_schedules.py)
+NEW_SCHEDULES = ("zb-h2", "zb-auto")
+NEW_LAYOUTS = {2: [(1, 2, 1)], 4: [(1, 4, 1), (2, 2, 1), (1, 2, 2)], 8: [(2, 2, 2)]}
+
+
+def new_schedule_cases(world: int) -> list[dict]:
+    """ZB-H2 and zb-auto: pipelines at M = pp and 2 pp + 1, +/- recompute; dp and tp at M = 3."""
+    out = []
+    for layout in NEW_LAYOUTS.get(world, []):
+        pp = layout[1]
+        pure = layout == (1, world, 1)
+        for name in NEW_SCHEDULES:
+            for M in (pp, 2 * pp + 1) if pure else (3,):
+                for recompute in (False, True) if pure else (False,):
+                    out.append(case(name, 1, M, recompute, layout))
+    return out
+
+
 def cases(world: int) -> list[dict]:
-    return pipeline_cases(world) + layout_cases(world) + llama_cases(world) + zero_cases(world)
+    return (pipeline_cases(world) + layout_cases(world) + llama_cases(world) + zero_cases(world)
+            + new_schedule_cases(world))  # fmt: skip
 
 
 def case_id(c: dict) -> str:

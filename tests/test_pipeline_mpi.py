@@ -59,6 +59,10 @@ def test_activation_memory_bound(results, world, case):
         assert peaks == [min(K - rank, M) for rank in range(K)]
     elif case["schedule"] == "zb-h1":
         assert max(peaks) == min(K, M)  # 1F1B's peak (its first rank), on every rank
+    elif case["schedule"] == "zb-h2":
+        assert max(peaks) == min(2 * K - 1, M) and peaks[0] == max(peaks)
+    elif case["schedule"] == "zb-auto":  # schedule.memory_limit = 1: 1F1B's peak at most
+        assert max(peaks) <= min(K, M)
     else:  # interleaved: counted in chunks; Megatron's warm-up bound
         V = case["virtual"]
         R = M // max(1, M // K)

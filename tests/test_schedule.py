@@ -337,7 +337,7 @@ def test_every_schedule_validates_over_the_whole_grid(K):
                 if name in INTERLEAVED and not interleaved_valid(K, M):
                     continue
                 sched = build_schedule(name, K, M, V)
-                kinds = "FBW" if name in SPLIT_BACKWARD else "FB"
+                kinds = "FIW" if name in SPLIT_BACKWARD else "FB"
                 for r in range(K):
                     comp = sorted(str(a) for a in sched[r] if a.is_compute)
                     stages = range(r, K * V, K)
@@ -389,10 +389,10 @@ def test_interleaved_matches_torch():
 
 
 def torch_interleaved_zb(schedules, K: int, M: int, V: int) -> dict:
-    """torch's ScheduleInterleavedZeroBubble order in hpcpipe actions (its I is our B)."""
+    """torch's ScheduleInterleavedZeroBubble order in hpcpipe actions (the same letters)."""
     order = schedules.ScheduleInterleavedZeroBubble([StandIn(c * K, K, V) for c in range(V)], M)
     return {
-        r: [Action.parse(str(a).replace("I", "B")) for a in acts
+        r: [Action.parse(str(a)) for a in acts
             if a is not None and re.fullmatch(r"\d+[FIW]\d+", str(a))]
         for r, acts in order.pipeline_order.items()
     }  # fmt: skip
@@ -425,8 +425,8 @@ def test_zb_h1_memory_equals_1f1b_peak(K):
 
 def test_zb_h1_defers_weight_gradients_on_later_ranks():
     sched = compute_zb_h1(3, 4)
-    assert [str(a) for a in sched[0]][:6] == ["0F0", "0F1", "0F2", "0B0", "0W0", "0F3"]
-    assert [str(a) for a in sched[2]][:6] == ["2F0", "2B0", "2F1", "2B1", "2F2", "2B2"]
+    assert [str(a) for a in sched[0]][:6] == ["0F0", "0F1", "0F2", "0I0", "0W0", "0F3"]
+    assert [str(a) for a in sched[2]][:6] == ["2F0", "2I0", "2F1", "2I1", "2F2", "2I2"]
 
 
 def interleaved_pairs(K: int):
@@ -470,10 +470,10 @@ def test_interleaved_zb_has_no_bubble_up_to_4_ranks(K, V):
 
 def test_interleaved_zb_defers_w_by_two_backwards_per_downstream_rank():
     sched = compute_interleaved_zb(2, 4, 2)
-    first = [str(a) for a in sched[0] if a.kind == Kind.B or a.kind == Kind.W][:4]
-    assert first == ["2B0", "2W0", "2B1", "2W1"]  # rank 0: W right after its B
-    last = [str(a) for a in sched[1] if a.kind == Kind.B or a.kind == Kind.W]
-    assert last[:4] == ["3B0", "3B1", "1B0", "3W0"] and last[-2:] == ["1W2", "1W3"]  # lag 2
+    first = [str(a) for a in sched[0] if a.kind == Kind.I or a.kind == Kind.W][:4]
+    assert first == ["2I0", "2W0", "2I1", "2W1"]  # rank 0: W right after its I
+    last = [str(a) for a in sched[1] if a.kind == Kind.I or a.kind == Kind.W]
+    assert last[:4] == ["3I0", "3I1", "1I0", "3W0"] and last[-2:] == ["1W2", "1W3"]  # lag 2
 
 
 def test_split_backward_schedules_reject_v():

@@ -35,13 +35,13 @@ def zb_h1(K: int, M: int) -> dict:
         acts = [Action(r, Kind.F, m) for m in range(warm)]
         pending: list[int] = []
         for i in range(M - warm):
-            acts += [Action(r, Kind.F, warm + i), Action(r, Kind.B, i)]
+            acts += [Action(r, Kind.F, warm + i), Action(r, Kind.I, i)]
             pending.append(i)
             if len(pending) > r:
                 acts.append(Action(r, Kind.W, pending.pop(0)))
         for m in range(M - warm, M):
             pending.append(m)
-            acts += [Action(r, Kind.B, m), Action(r, Kind.W, pending.pop(0))]
+            acts += [Action(r, Kind.I, m), Action(r, Kind.W, pending.pop(0))]
         out[r] = acts + [Action(r, Kind.W, m) for m in pending]
     return add_send_recv(out, K)
 

@@ -127,11 +127,30 @@ def _schedule_parser(sub) -> None:
     )
     p.add_argument("--fit", metavar="TRACE", help="fit the costs from a measured trace")
     p.add_argument(
+        "--memory-limit",
+        type=float,
+        default=1.0,
+        help="zb-auto: micro-batches held per rank as a multiple of 1F1B's peak (default 1.0; "
+        "2.0 = the Zero Bubble paper's ZB-2p); zb-auto also reads --costs / --fit",
+    )
+    p.add_argument(
         "--measured",
         metavar="TRACE",
         help="draw the measured timeline of a `hpcpipe train --trace` run (png or chrome)",
     )
+    p.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="read the schedule from a CSV (--format csv's, or torch's _dump_csv) instead of "
+        "--schedule; K, M and V come from the file",
+    )
     p.add_argument("--format", choices=["grid", "json", "csv", "png", "chrome"], default="grid")
+    p.add_argument(
+        "--compute-only",
+        action="store_true",
+        help="--format csv without SEND/RECV: torch's compute_only format (what every torch "
+        "multi-stage schedule's _load_csv reads); default: with them (compute_comms)",
+    )
     p.add_argument("--out", help="output file (required for png; default stdout otherwise)")
     p.set_defaults(func=run_schedule)
 

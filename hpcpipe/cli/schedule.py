@@ -5,19 +5,25 @@ from __future__ import annotations
 import json
 
 from hpcpipe.pipeline import draw
+from hpcpipe.pipeline.autoschedule import AUTO
 from hpcpipe.pipeline.schedule import (
     FORWARD_SCHEDULES,
     SPLIT_BACKWARD,
     build_schedule,
+    csv_dimensions,
+    load_csv_schedule,
+    read_csv_schedule,
     render_grid,
     to_csv,
+    uses_split_backward,
 )
 from hpcpipe.pipeline.simulate import Costs, fit_costs, simulate
 from hpcpipe.pipeline.trace import compute_timeline, read_trace
 
 
-def costs_for(args, name: str) -> tuple[Costs, dict]:
-    """Costs from --fit (a measured trace) or --costs; W folds into B without the split."""
+def costs_for(args, name: str, split: bool | None = None) -> tuple[Costs, dict]:
+    """Costs from --fit (a measured trace) or --costs; W folds into B without the split
+    (split: whether the schedule splits its backwards; default: whether `name` does)."""
     if args.fit:
         meta, events = read_trace(args.fit)
         costs = fit_costs(compute_timeline(events), V=meta["V"])
@@ -26,7 +32,7 @@ def costs_for(args, name: str) -> tuple[Costs, dict]:
         costs, source = Costs.parse(args.costs), {}
     if name in FORWARD_SCHEDULES:  # no backward: the ideal step is M forwards
         costs = Costs(costs.t_f, 0.0, 0.0, costs.t_comm)
-    elif name not in SPLIT_BACKWARD and costs.t_w:
+    elif not (name in SPLIT_BACKWARD if split is None else split) and costs.t_w:
         # NOTE: schedules without W run the weight gradient inside B.
         costs = Costs(costs.t_f, costs.t_b + costs.t_w, 0.0, costs.t_comm)
     return costs, source
@@ -40,6 +46,19 @@ def _sizes(args) -> tuple[int, int, int]:
     if K is None or M is None:
         raise ValueError("--stages and --microbatches are required (or --fit TRACE)")
     return K, M, args.virtual
+
+
+def _schedule(args):
+    """(K, M, V, the validated schedule): --schedule's, or the one in --csv."""
+    if not args.csv:
+        K, M, V = _sizes(args)
+        if args.schedule != AUTO:
+            return K, M, V, build_schedule(args.schedule, K, M, V)
+        costs, _ = costs_for(args, args.schedule, split=True)  # W stays W: it may be split
+        schedule = build_schedule(AUTO, K, M, V, costs=costs, memory_limit=args.memory_limit)
+        return K, M, V, schedule
+    K, M, V = csv_dimensions(read_csv_schedule(args.csv))
+    return K, M, V, load_csv_schedule(args.csv, K, M, V)
 
 
 def render_measured(args) -> str | None:
@@ -61,19 +80,18 @@ def render(args) -> str | None:
     """The text to print (None when a file was written)."""
     if args.measured:
         return render_measured(args)
-    K, M, V = _sizes(args)
     Costs.parse(args.costs)  # refuse a bad --costs whatever the format
-    schedule = build_schedule(args.schedule, K, M, V)
+    K, M, V, schedule = _schedule(args)
     if args.format == "grid":
         return render_grid(schedule, K, M, V)
     if args.format == "csv":
-        return to_csv(schedule)
-    costs, source = costs_for(args, args.schedule)
+        return to_csv(schedule, compute_only=args.compute_only)
+    costs, source = costs_for(args, args.schedule, uses_split_backward(schedule))
     sim = simulate(schedule, K, M, V, costs)
     if args.format == "json":
         out = draw.to_json(schedule, K, M, V, sim)
         out.update(
-            name=args.schedule,
+            name=args.csv or args.schedule,
             bubble_rate=sim.bubble_rate,
             step_time=sim.step_time,
             peak_activations=[sim.peak_activations[r] for r in range(K)],
@@ -85,6 +103,6 @@ def render(args) -> str | None:
         return json.dumps(draw.to_chrome_trace(sim.timeline, K, draw.timeline_arrows(sim.timeline)))
     if not args.out:
         raise ValueError("--format png needs --out FILE.png")
-    title = f"{args.schedule} K={K} M={M} V={V}: bubble {sim.bubble_rate:.3f}"
+    title = f"{args.csv or args.schedule} K={K} M={M} V={V}: bubble {sim.bubble_rate:.3f}"
     draw.to_png(sim.timeline, K, args.out, title=title)
     return None

@@ -12,7 +12,7 @@ from hpcpipe.pipeline.simulate import SimResult, Timed, as_timeline
 
 Arrow = tuple[int, float, int, float]  # (src_rank, src_time, dst_rank, dst_time)
 
-COLOURS = {Kind.F: "#4c72b0", Kind.B: "#55a868", Kind.W: "#c44e52"}
+COLOURS = {Kind.F: "#4c72b0", Kind.B: "#55a868", Kind.I: "#8fbf6f", Kind.W: "#c44e52"}
 _FONT_PT = 6
 
 
@@ -31,12 +31,23 @@ def to_json(schedule: Schedule, K: int, M: int, V: int, sim: SimResult) -> dict:
 
 
 def timeline_arrows(timeline: Iterable) -> list[Arrow]:
-    """Cross-rank data edges: F(s-1,m) end -> F(s,m) start and B(s+1,m) end -> B(s,m) start."""
+    """Cross-rank data edges: F(s-1,m) end -> F(s,m) start and a backward's (B or I) at s+1
+    end -> the one at s start."""
     timed = as_timeline(timeline)
-    index = {(t.action.kind, t.action.stage, t.action.microbatch): t for t in timed}
+    backward = (Kind.B, Kind.I)
+    # a backward is indexed as B whichever it is: the next stage's B or I feeds this one's
+    index = {
+        (
+            Kind.B if t.action.kind in backward else t.action.kind,
+            t.action.stage,
+            t.action.microbatch,
+        ): t
+        for t in timed
+    }
     arrows = []
     for t in timed:
         kind, s, m = t.action.kind, t.action.stage, t.action.microbatch
+        kind = Kind.B if kind in backward else kind
         src = {Kind.F: (Kind.F, s - 1, m), Kind.B: (Kind.B, s + 1, m)}.get(kind)
         src_t = index.get(src) if src else None
         if src_t is not None and src_t.rank != t.rank:

@@ -361,6 +361,7 @@ class PipelineRuntime:
 _HANDLERS = {
     Kind.F: PipelineRuntime._forward,
     Kind.B: PipelineRuntime._backward,
+    Kind.I: PipelineRuntime._backward,  # split by the weight store: W follows
     Kind.W: PipelineRuntime._weight_backward,
     Kind.SEND_F: PipelineRuntime._send_forward,
     Kind.RECV_F: PipelineRuntime._recv_forward,

@@ -1,7 +1,9 @@
 """Pipeline schedules as data: generators, a comm-lowering pass, a validator and a renderer.
 
 A schedule maps each rank to its ordered list of actions. Action strings follow
-torch.distributed.pipelining (``1F0``, ``0SEND_F2``) so schedules can be exchanged as CSV.
+torch.distributed.pipelining exactly (``1F0``, ``0I3``, ``0SEND_F2``) so schedules can be
+exchanged as CSV: F forward, B full backward, I the input-gradient half of a split backward
+and W its weight-gradient half.
 Vocabulary: K ranks, V chunks per rank (K*V global stages, stage s on rank s % K),
 M micro-batches.
 """
@@ -15,6 +17,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class ScheduleError(ValueError):
@@ -23,10 +26,15 @@ class ScheduleError(ValueError):
 
 # str mixin (not StrEnum) keeps Python 3.10 support, per ruff.toml's target-version.
 class Kind(str, enum.Enum):  # noqa: UP042
-    """Action kinds: compute (F, B, W) and point-to-point communication."""
+    """Action kinds: compute (F, B, I, W) and point-to-point communication.
+
+    As torch's _ComputationType: B is a full backward (input and weight gradients); a split
+    backward is I (input gradient, what the upstream stage waits for) and later W.
+    """
 
     F = "F"
     B = "B"
+    I = "I"  # noqa: E741 (torch's letter)
     W = "W"
     SEND_F = "SEND_F"
     RECV_F = "RECV_F"
@@ -37,9 +45,11 @@ class Kind(str, enum.Enum):  # noqa: UP042
     __hash__ = str.__hash__
 
 
-COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.W})
+COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.I, Kind.W})
+# The actions that send a gradient upstream: a full backward or a split one's first half.
+BACKWARD_KINDS = frozenset({Kind.B, Kind.I})
 # fullmatch plus the digit groups make alternative order irrelevant (F vs SEND_F).
-_ACTION_RE = re.compile(r"(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|W)(\d+)")
+_ACTION_RE = re.compile(r"(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)")
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ class Action:
 
     @property
     def is_compute(self) -> bool:
-        """True for F, B and W; False for communication."""
+        """True for F, B, I and W; False for communication."""
         return self.kind in COMPUTE_KINDS
 
 
@@ -172,10 +182,10 @@ def compute_interleaved(K: int, M: int, V: int = 2) -> Schedule:
 
 
 def compute_zb_h1(K: int, M: int, V: int = 1) -> Schedule:
-    """ZB-H1 (Qi et al., 2023): backward split into B (input grad) and W (weight grad).
+    """ZB-H1 (Qi et al., 2023): backward split into I (input grad) and W (weight grad).
 
-    Rank r runs K - r warm-up forwards, then B_m, W_{m-r}, F_{m+K-r} per micro-batch: deferring
-    r weight-gradient passes lets the B chain run ahead, and the W's fill the cool-down. With
+    Rank r runs K - r warm-up forwards, then I_m, W_{m-r}, F_{m+K-r} per micro-batch: deferring
+    r weight-gradient passes lets the I chain run ahead, and the W's fill the cool-down. With
     T_F = T_B = T_W and M >= K the idle time is (K-1)(T_F+T_B-T_W), a third of 1F1B's, and no
     rank holds more micro-batches than 1F1B's first rank (K).
     """
@@ -187,7 +197,7 @@ def compute_zb_h1(K: int, M: int, V: int = 1) -> Schedule:
         warmup, defer = min(K - rank, M), rank
         actions = [Action(rank, Kind.F, m) for m in range(warmup)]
         for m in range(M):
-            actions.append(Action(rank, Kind.B, m))
+            actions.append(Action(rank, Kind.I, m))
             if m >= defer:
                 actions.append(Action(rank, Kind.W, m - defer))
             if m + warmup < M:
@@ -197,13 +207,31 @@ def compute_zb_h1(K: int, M: int, V: int = 1) -> Schedule:
     return schedule
 
 
+def compute_zb_h2(K: int, M: int, V: int = 1) -> Schedule:
+    """ZB-H2 (Qi et al., 2023): ZB-H1 with about twice 1F1B's memory and no bubble left but
+    the pipeline's fill and drain.
+
+    Rank r holds up to 2K - 1 micro-batches, so its warm-up runs forwards until the first
+    gradient can be back (2(K - r) - 1 of them at equal costs) and the W's deferred to the
+    end fill the drain: the order list scheduling gives at T_F = T_B = T_W (greedy.py). Its
+    bubble is (K - 1)(T_F + T_B + 2 T_comm - 2 T_W) of a rank's time where that is >= 0.
+    """
+    from hpcpipe.pipeline.greedy import list_schedule  # NOTE: greedy is pure; no cycle at import
+
+    _check_sizes(K, M, V)
+    if V != 1:
+        raise ScheduleError(f"zb-h2 supports only V=1 (one chunk per rank), got V={V}")
+    order = list_schedule(K, M, (1.0, 1.0, 1.0, 0.0), limit=2 * K - 1)
+    return {r: [Action(r, Kind(kind), m) for kind, m in actions] for r, actions in order.items()}
+
+
 def compute_interleaved_zb(K: int, M: int, V: int = 2) -> Schedule:
     """Interleaved 1F1B with the backward split and W deferred (ZB-H1's idea on V chunks, as
     torch's ScheduleInterleavedZeroBubble).
 
     Interleaved 1F1B's rank r finishes its backwards about 2r chunk-actions before rank 0 (its
     warm-up is 2 shorter per downstream rank). Here rank r runs each W 2r backwards after its
-    B, so its B's reach the upstream ranks that much sooner and its last 2r W's fill the time it
+    I, so its I's reach the upstream ranks that much sooner and its last 2r W's fill the time it
     would have idled at the end: with T_F = T_B = T_W and K <= 4 only the pipeline's fill is
     left. With fewer than 2K micro-batches the cool-down is too short for 2r W's and r is
     better (torch's lag). Simulated over K <= 6, V <= 4, M <= 24 at equal and unequal costs,
@@ -217,12 +245,14 @@ def compute_interleaved_zb(K: int, M: int, V: int = 2) -> Schedule:
 
 
 def _defer_weight_grads(actions: list[Action], lag: int) -> list[Action]:
-    """Split every B into B and W, each W placed `lag` B's later (the last ones at the end)."""
+    """Split every B into I and W, each W placed `lag` I's later (the last ones at the end)."""
     out: list[Action] = []
     backwards: list[Action] = []
     for action in actions:
-        out.append(action)
-        if action.kind == Kind.B:
+        if action.kind != Kind.B:
+            out.append(action)
+        else:
+            out.append(Action(action.stage, Kind.I, action.microbatch))
             backwards.append(action)
             if len(backwards) > lag:
                 done = backwards[len(backwards) - 1 - lag]
@@ -231,15 +261,29 @@ def _defer_weight_grads(actions: list[Action], lag: int) -> list[Action]:
     return out + [Action(b.stage, Kind.W, b.microbatch) for b in tail]
 
 
+def compute_zb_auto(K: int, M: int, V: int = 1) -> Schedule:
+    """zb-auto at T_F = T_B = T_W, no comm time, 1F1B's memory (build_schedule takes costs and
+    a memory limit): see hpcpipe.pipeline.autoschedule."""
+    from hpcpipe.pipeline.autoschedule import auto_schedule  # NOTE: it imports this module
+    from hpcpipe.pipeline.simulate import Costs
+
+    _check_sizes(K, M, V)
+    if V != 1:
+        raise ScheduleError(f"zb-auto supports only V=1 (one chunk per rank), got V={V}")
+    return auto_schedule(K, M, Costs(1.0, 1.0, 1.0, 0.0))
+
+
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gpipe": compute_gpipe,
     "1f1b": compute_1f1b,
     "interleaved": compute_interleaved,
     "zb-h1": compute_zb_h1,
+    "zb-h2": compute_zb_h2,
     "interleaved-zb": compute_interleaved_zb,
+    "zb-auto": compute_zb_auto,
 }
-# Schedules whose backward is split into B (input gradient) and W (weight gradient).
-SPLIT_BACKWARD = frozenset({"zb-h1", "interleaved-zb"})
+# Schedules whose backward is split into I (input gradient) and W (weight gradient).
+SPLIT_BACKWARD = frozenset({"zb-h1", "zb-h2", "interleaved-zb", "zb-auto"})
 
 
 def compute_forward_only(K: int, M: int, V: int = 1) -> Schedule:
@@ -271,7 +315,7 @@ def _recv_for(action: Action, rank: int, K: int, V: int) -> Action | None:
     s, m = action.stage, action.microbatch
     if action.kind == Kind.F and s > 0 and stage_rank(s - 1, K) != rank:
         return Action(s, Kind.RECV_F, m)
-    if action.kind == Kind.B and s < K * V - 1 and stage_rank(s + 1, K) != rank:
+    if action.kind in BACKWARD_KINDS and s < K * V - 1 and stage_rank(s + 1, K) != rank:
         return Action(s, Kind.RECV_B, m)
     return None
 
@@ -281,7 +325,7 @@ def _send_for(action: Action, rank: int, K: int, V: int) -> Action | None:
     s, m = action.stage, action.microbatch
     if action.kind == Kind.F and s < K * V - 1 and stage_rank(s + 1, K) != rank:
         return Action(s, Kind.SEND_F, m)
-    if action.kind == Kind.B and s > 0 and stage_rank(s - 1, K) != rank:
+    if action.kind in BACKWARD_KINDS and s > 0 and stage_rank(s - 1, K) != rank:
         return Action(s, Kind.SEND_B, m)
     return None
 
@@ -309,17 +353,30 @@ def add_send_recv(compute: Schedule, K: int, V: int = 1) -> Schedule:
     }
 
 
-def build_schedule(name: str, K: int, M: int, V: int = 1) -> Schedule:
+def build_schedule(
+    name: str, K: int, M: int, V: int = 1, *, costs=None, memory_limit: float = 1.0
+) -> Schedule:
     """Generate a named schedule, lower it with comm actions, and validate it.
 
     name is a training schedule (SCHEDULES) or "forward-only" (FORWARD_SCHEDULES: evaluation).
+    zb-auto reads costs (a simulate.Costs; default T_F = T_B = T_W, no comm) and memory_limit
+    (micro-batches held per rank as a multiple of 1F1B's peak); the others ignore both.
     """
     generate = SCHEDULES.get(name) or FORWARD_SCHEDULES.get(name)
     if generate is None:
         valid = ", ".join([*SCHEDULES, *FORWARD_SCHEDULES])
         raise ScheduleError(f"unknown schedule {name!r}; valid names: {valid}")
     _check_sizes(K, M, V)
-    schedule = add_send_recv(generate(K, M, V), K, V)
+    if name == "zb-auto" and (costs is not None or memory_limit != 1.0):
+        from hpcpipe.pipeline.autoschedule import auto_schedule
+        from hpcpipe.pipeline.simulate import Costs
+
+        if V != 1:
+            raise ScheduleError(f"zb-auto supports only V=1 (one chunk per rank), got V={V}")
+        compute = auto_schedule(K, M, costs or Costs(1.0, 1.0, 1.0, 0.0), memory_limit)
+    else:
+        compute = generate(K, M, V)
+    schedule = add_send_recv(compute, K, V)
     validate(schedule, K, M, V, forward_only=name in FORWARD_SCHEDULES)
     return schedule
 
@@ -351,14 +408,24 @@ class _SimResult:
 
 
 def _deps(action: Action, K: int, V: int) -> list[Action]:
-    """Compute actions whose results `action` consumes."""
+    """Compute actions whose results `action` consumes.
+
+    A backward's upstream gradient comes from the next stage's B or I, written B here (see
+    _done_key); W needs the I that produced its inputs, written B too.
+    """
     s, m = action.stage, action.microbatch
     if action.kind == Kind.F:
         return [Action(s - 1, Kind.F, m)] if s > 0 else []
-    if action.kind == Kind.B:
+    if action.kind in BACKWARD_KINDS:
         up = [Action(s + 1, Kind.B, m)] if s < K * V - 1 else []
         return [Action(s, Kind.F, m), *up]
-    return [Action(s, Kind.B, m)]  # W needs the backward that produced its inputs
+    return [Action(s, Kind.B, m)]
+
+
+def _done_key(action: Action) -> Action:
+    """What a finished action provides, as _deps names it: an I provides the gradient a B
+    would."""
+    return Action(action.stage, Kind.B, action.microbatch) if action.kind == Kind.I else action
 
 
 def _simulate(schedule: Schedule, K: int, V: int) -> _SimResult:
@@ -383,7 +450,7 @@ def _simulate(schedule: Schedule, K: int, V: int) -> _SimResult:
             }
             return _SimResult(ticks, tick, stuck)
         # Results become visible only next tick: unit-time compute.
-        done.update(ran)
+        done.update(_done_key(a) for a in ran)
         tick += 1
     return _SimResult(ticks, tick, {})
 
@@ -396,7 +463,7 @@ def _mark_compute(mark: Action) -> Action:
     if mark.is_compute:
         return mark
     kind = Kind.F if mark.kind in (Kind.SEND_F, Kind.RECV_F) else Kind.B
-    return Action(mark.stage, kind, mark.microbatch)
+    return Action(mark.stage, kind, mark.microbatch)  # (a SEND_B/RECV_B of an I marks B)
 
 
 def _grid_cells(sim: _SimResult, K: int, mark: tuple[int, Action] | None) -> dict[int, dict]:
@@ -407,7 +474,7 @@ def _grid_cells(sim: _SimResult, K: int, mark: tuple[int, Action] | None) -> dic
     rank, action = mark
     target = _mark_compute(action)
     row = cells.setdefault(rank, {})
-    hits = [t for t, a in sim.ticks.get(rank, []) if a == target]
+    hits = [t for t, a in sim.ticks.get(rank, []) if target in (a, _done_key(a))]
     # An action that never ran (stuck/missing) is drawn just after the rank's last compute.
     col = hits[0] if hits else max(row, default=-1) + 1
     row[col] = f"[{target}]"
@@ -471,9 +538,9 @@ class _Checker:
                     self.fail(rank, a, f"stage {a.stage} lives on rank {owner}, not rank {rank}")
 
     def check_coverage(self) -> None:
-        """Every (stage, microbatch) has exactly one F and one B; at most one W.
+        """Every (stage, microbatch) has exactly one F and either one B or one I and one W.
 
-        Forward-only: exactly one F each, and no backward action (B, W, SEND_B, RECV_B) at all.
+        Forward-only: exactly one F each, and no backward action (B, I, W, SEND_B, RECV_B).
         """
         for rank, actions in self.schedule.items():
             # Duplicate comm actions are reported by check_matching, with the peer's view.
@@ -485,17 +552,31 @@ class _Checker:
                 for a in actions:
                     if a.kind not in (Kind.F, Kind.SEND_F, Kind.RECV_F):
                         self.fail(rank, a, "a forward-only schedule has no backward actions")
-        kinds = (Kind.F,) if self.forward_only else (Kind.F, Kind.B)
         for s in range(self.num_stages):
             rank = stage_rank(s, self.K)
             present = set(self.schedule.get(rank, []))
             for m in range(self.M):
-                for kind in kinds:
-                    if Action(s, kind, m) not in present:
-                        self.fail(rank, Action(s, kind, m), f"missing (microbatch {m})")
+                if Action(s, Kind.F, m) not in present:
+                    self.fail(rank, Action(s, Kind.F, m), f"missing (microbatch {m})")
+                if not self.forward_only:
+                    self._check_backward(rank, present, s, m)
+
+    def _check_backward(self, rank: int, present: set, s: int, m: int) -> None:
+        """One backward per (stage, microbatch): B, or I with its W."""
+        full, first, weight = (Action(s, k, m) in present for k in (Kind.B, Kind.I, Kind.W))
+        if full and (first or weight):
+            other = Action(s, Kind.I if first else Kind.W, m)
+            self.fail(
+                rank, other, f"microbatch {m} also has a full backward {Action(s, Kind.B, m)}"
+            )
+        if not (full or first):
+            self.fail(rank, Action(s, Kind.B, m), f"missing (microbatch {m}): no B, nor I with W")
+        if first != weight:
+            missing = Action(s, Kind.W if first else Kind.I, m)
+            self.fail(rank, missing, f"missing (microbatch {m}): a split backward needs I and W")
 
     def check_local_order(self) -> None:
-        """B after F, W after B, SEND after its producer, RECV before its consumer."""
+        """B and I after F, W after I, SEND after its producer, RECV before its consumer."""
         for rank, actions in self.schedule.items():
             index = {a: i for i, a in enumerate(actions)}
             for i, a in enumerate(actions):
@@ -507,17 +588,25 @@ class _Checker:
     def _check_action_order(self, rank: int, a: Action, i: int, index: dict) -> None:
         """Check one action against the local action it must follow or precede."""
         s, m = a.stage, a.microbatch
+        backward = self._backward_of(index, s, m)
         before = {
             Kind.B: Action(s, Kind.F, m),
-            Kind.W: Action(s, Kind.B, m),
+            Kind.I: Action(s, Kind.F, m),
+            Kind.W: Action(s, Kind.I, m),
             Kind.SEND_F: Action(s, Kind.F, m),
-            Kind.SEND_B: Action(s, Kind.B, m),
+            Kind.SEND_B: backward,
         }
-        after = {Kind.RECV_F: Action(s, Kind.F, m), Kind.RECV_B: Action(s, Kind.B, m)}
+        after = {Kind.RECV_F: Action(s, Kind.F, m), Kind.RECV_B: backward}
         if a.kind in before and index.get(before[a.kind], len(index)) > i:
             self.fail(rank, a, f"must come after {before[a.kind]} on the same rank")
         if a.kind in after and index.get(after[a.kind], -1) < i:
             self.fail(rank, a, f"must come before {after[a.kind]}, which consumes it")
+
+    @staticmethod
+    def _backward_of(index: dict, s: int, m: int) -> Action:
+        """The backward of (s, m) this rank runs: its I if it has one, else B."""
+        split = Action(s, Kind.I, m)
+        return split if split in index else Action(s, Kind.B, m)
 
     def _check_required_comm(self, rank: int, a: Action, index: dict) -> None:
         """A compute with a remote neighbour needs its RECV posted and its SEND issued."""
@@ -590,19 +679,18 @@ def _counterpart(a: Action) -> Action:
 
 
 def peak_microbatches(actions: Sequence[Action], forward_only: bool = False) -> int:
-    """Most micro-batches one rank's actions hold at once: from F until W (or B if no W).
+    """Most micro-batches one rank's actions hold at once: from F until B (split: until W).
 
     Forward-only: an F's input is freed when it ran and its output when sent (or consumed by
     the next local stage), so a rank holds at most the one micro-batch it is working on.
     """
     if forward_only:
         return int(any(a.kind == Kind.F for a in actions))
-    has_w = {(a.stage, a.microbatch) for a in actions if a.kind == Kind.W}
     live = peak = 0
     for a in actions:
         if a.kind == Kind.F:
             live += 1
-        elif a.kind == Kind.W or (a.kind == Kind.B and (a.stage, a.microbatch) not in has_w):
+        elif a.kind in (Kind.B, Kind.W):
             live -= 1
         peak = max(peak, live)
     return peak
@@ -635,16 +723,111 @@ def validate(
 # ---------------------------------------------------------------- CSV
 
 
-def to_csv(schedule: Schedule) -> str:
-    """One row per rank (0..max rank), comma-separated action strings, like torch."""
+def to_csv(schedule: Schedule, compute_only: bool = False) -> str:
+    """One row per rank (0..max rank), comma-separated action strings, like torch's _dump_csv.
+
+    With its SEND/RECV actions the file is torch's "compute_comms" format; compute_only keeps
+    F, B, I and W: its "compute_only" format, which every torch multi-stage schedule loads.
+    """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     for rank in range(max(schedule, default=-1) + 1):
-        writer.writerow([str(a) for a in schedule.get(rank, [])])
+        actions = schedule.get(rank, [])
+        writer.writerow([str(a) for a in actions if a.is_compute or not compute_only])
     return buf.getvalue()
 
 
+# torch's FSDP bookkeeping in a compute_comms dump: nothing to run without FSDP
+TORCH_ONLY_ACTIONS = re.compile(r"\d+(UNSHARD|RESHARD|REDUCE_GRAD)\d*")
+# torch's DualPipeV pairs a forward and a backward as "(0F1;3B0)OVERLAP_F_B"
+_OVERLAP_RE = re.compile(r"\((.*)\)OVERLAP_F_B")
+
+
 def from_csv(text: str) -> Schedule:
-    """Parse to_csv / torch CSV; empty cells (torch's idle None slots) are skipped."""
+    """Parse to_csv / torch's _dump_csv (either format); empty cells (torch's idle None
+    slots) and torch's FSDP actions (UNSHARD, RESHARD, REDUCE_GRAD) are skipped, and an
+    OVERLAP_F_B pair runs as its two actions in order.
+
+    hpcpipe before torch's notation wrote a split backward's first half as B: a B whose W is
+    on the same rank is read as the I it was.
+    """
     rows = csv.reader(io.StringIO(text))
-    return {rank: [Action.parse(c) for c in row if c.strip()] for rank, row in enumerate(rows)}
+    schedule = {
+        rank: [a for cell in row for a in _parse_cell(cell)] for rank, row in enumerate(rows)
+    }
+    return {rank: _split_legacy_backwards(actions) for rank, actions in schedule.items()}
+
+
+def _parse_cell(cell: str) -> list[Action]:
+    """The actions one CSV cell holds: none, one, or an overlapped pair."""
+    cell = cell.strip()
+    if not cell or TORCH_ONLY_ACTIONS.fullmatch(cell):
+        return []
+    overlap = _OVERLAP_RE.fullmatch(cell)
+    if overlap:
+        return [Action.parse(part) for part in overlap.group(1).split(";") if part.strip()]
+    return [Action.parse(cell)]
+
+
+def csv_dimensions(schedule: Schedule) -> tuple[int, int, int]:
+    """(K, M, V) a CSV schedule names: its rows, micro-batches and stages per rank."""
+    K = max(schedule, default=-1) + 1
+    actions = [a for acts in schedule.values() for a in acts]
+    if K == 0 or not actions:
+        raise ScheduleError("the CSV schedule has no actions")
+    stages = max(a.stage for a in actions) + 1
+    if stages % K:
+        raise ScheduleError(
+            f"the CSV schedule names {stages} stages on {K} ranks: stages must be a multiple of "
+            "the ranks (V chunks each)"
+        )
+    return K, max(a.microbatch for a in actions) + 1, stages // K
+
+
+def load_csv_schedule(path: str, K: int, M: int, V: int = 1) -> Schedule:
+    """A schedule from a CSV file (to_csv's, or torch's _dump_csv of its own schedules),
+    lowered with hpcpipe's SEND/RECV placement and validated for K ranks, M, V.
+
+    Only the compute order is read: the file's own SEND/RECV (torch's compute_comms) are
+    dropped and placed again by add_send_recv, which the runtime's receive posting expects.
+    """
+    schedule = read_csv_schedule(path)
+    named = csv_dimensions(schedule)
+    if named != (K, M, V):
+        raise ScheduleError(
+            f"{path} is a schedule of K={named[0]} ranks, M={named[1]} micro-batches and "
+            f"V={named[2]} chunks per rank, but the run has pp={K}, schedule.microbatches={M} "
+            f"and schedule.virtual={V}; set those to the file's or write a schedule for them"
+        )
+    lowered = add_send_recv(schedule, K, V)
+    validate(lowered, K, M, V)
+    return lowered
+
+
+def read_csv_schedule(path: str) -> Schedule:
+    """from_csv of a file, its errors as ScheduleError naming the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ScheduleError(f"cannot read the schedule CSV {path}: {exc.strerror}") from None
+    try:
+        return from_csv(text)
+    except ValueError as exc:
+        raise ScheduleError(f"{path}: {exc}") from None
+
+
+def uses_split_backward(schedule: Schedule) -> bool:
+    """Whether the schedule splits its backwards into I and W (the runtime needs a weight
+    store for that)."""
+    return any(a.kind == Kind.I for actions in schedule.values() for a in actions)
+
+
+def _split_legacy_backwards(actions: list[Action]) -> list[Action]:
+    """B -> I for every B with a W of the same (stage, microbatch) in `actions`."""
+    weights = {(a.stage, a.microbatch) for a in actions if a.kind == Kind.W}
+    return [
+        Action(a.stage, Kind.I, a.microbatch)
+        if a.kind == Kind.B and (a.stage, a.microbatch) in weights
+        else a
+        for a in actions
+    ]

@@ -136,6 +136,9 @@ class _Step(NamedTuple):
 # Kinds by small integer: hashing a Kind is Python code, hashing a tuple of ints is not.
 _F, _B, _W = 0, 1, 2
 _KINDS = (Kind.F, Kind.B, Kind.W)
+# A split backward's I is a backward for dependencies (the upstream stage waits for it); a B
+# without a W of its micro-batch does the W's work too (_FUSED_B).
+_CODE = {Kind.F: _F, Kind.B: _B, Kind.I: _B, Kind.W: _W}
 # A stage's work table: (F, B followed by its own W, W, B that also does W's work).
 _FUSED_B = 3
 
@@ -176,14 +179,14 @@ def _dependency_key(stage: int, kind: int, m: int, num_stages: int) -> tuple | N
 
 def _dependency(action: Action, num_stages: int) -> Action | None:
     """The one compute action `action` waits for (see module docstring)."""
-    kind = _KINDS.index(action.kind)
+    kind = _CODE[action.kind]
     key = _dependency_key(action.stage, kind, action.microbatch, num_stages)
     return None if key is None else Action(key[0], _KINDS[key[1]], key[2])
 
 
 def _keyed_queues(schedule: Schedule, K: int) -> dict[int, list[tuple[Action, tuple]]]:
     """Each rank's compute actions in list order, each with its (stage, kind, microbatch)."""
-    code = {Kind.F: _F, Kind.B: _B, Kind.W: _W}
+    code = _CODE
     return {
         r: [(a, (a.stage, code[a.kind], a.microbatch)) for a in schedule.get(r, []) if a.is_compute]
         for r in range(K)
@@ -461,7 +464,7 @@ def _place_sharing_cores(
 def peak_activations(timeline: list[Timed], K: int) -> dict[int, int]:
     """Max live micro-batch activations per rank: held from F start to W end (else B end; a
     forward-only schedule's F frees its activations when it ends)."""
-    F, B = Kind.F, Kind.B  # locals: an Enum member lookup is slow, and this runs per action
+    F, B, I = Kind.F, Kind.B, Kind.I  # noqa: E741 (locals: an Enum lookup is slow, per action)
     # (stage, microbatch) -> [rank of its last action, F start, F end, B end, W end]
     held: dict[tuple[int, int], list] = {}
     for t in timeline:
@@ -472,7 +475,7 @@ def peak_activations(timeline: list[Timed], K: int) -> dict[int, int]:
         h[0] = t.rank
         if a.kind is F:
             h[1], h[2] = t.start, t.end
-        elif a.kind is B:
+        elif a.kind is B or a.kind is I:
             h[3] = t.end
         else:
             h[4] = t.end
@@ -633,13 +636,14 @@ def as_timeline(events: Iterable) -> list[Timed]:
 def fit_costs(trace_events: Iterable, V: int = 1) -> Costs:
     """Fit Costs to measured actions: mean per-chunk F/B/W times x V, and a median comm hop.
 
-    If the trace has no W actions, t_w is 0 and t_b includes the weight gradient, matching
-    how simulate folds W into B for schedules without W.
+    t_b is the mean of the backwards (B, or a split backward's I). If the trace has no W
+    actions, t_w is 0 and t_b includes the weight gradient, matching how simulate folds W into
+    B for schedules without W.
     """
     timeline = as_timeline(trace_events)
     means = {}
-    for kind in (Kind.F, Kind.B, Kind.W):
-        durations = [t.end - t.start for t in timeline if t.action.kind == kind]
+    for kind, kinds in ((Kind.F, (Kind.F,)), (Kind.B, (Kind.B, Kind.I)), (Kind.W, (Kind.W,))):
+        durations = [t.end - t.start for t in timeline if t.action.kind in kinds]
         means[kind] = statistics.fmean(durations) * V if durations else 0.0
     return Costs(means[Kind.F], means[Kind.B], means[Kind.W], _fit_comm(timeline))
 

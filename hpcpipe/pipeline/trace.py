@@ -13,7 +13,7 @@ from hpcpipe.pipeline.draw import to_chrome_trace
 from hpcpipe.pipeline.schedule import Action, Kind
 from hpcpipe.pipeline.simulate import Timed, as_timeline
 
-COMPUTE = {"F", "B", "W"}
+COMPUTE = {"F", "B", "I", "W"}
 
 
 def local_events(trace: list, origin: float, rank: int) -> list[dict]:
@@ -37,8 +37,11 @@ def send_arrows(events: list[dict], K: int) -> list[tuple[int, float, int, float
         a = Action.parse(e["action"])
         if a.kind == Kind.SEND_F:
             consumer = Action(a.stage + 1, Kind.F, a.microbatch)
-        elif a.kind == Kind.SEND_B:
+        elif a.kind == Kind.SEND_B:  # consumed by a full backward or a split one's I
             consumer = Action(a.stage - 1, Kind.B, a.microbatch)
+            split = Action(a.stage - 1, Kind.I, a.microbatch)
+            dst = consumer.stage % K
+            consumer = split if (dst, str(split)) in starts else consumer
         else:
             continue
         dst = consumer.stage % K

@@ -504,7 +504,7 @@ def _extrapolated(at_2: int, at_3: int, M: int) -> int:
 
 def _walk(actions: Sequence[Action], rank: int, K: int, V: int, split: bool, full: bool):
     """RankPeaks of one rank's actions (their compute ones; lowering's receives implied)."""
-    compute = [a for a in actions if a.kind in (Kind.F, Kind.B, Kind.W)]
+    compute = [a for a in actions if a.is_compute]
     if K == 1:  # consecutive stages on one rank share a buffer: walk item by item
         return RankPeaks(
             _shared_edge_moments(compute, V, split, full), 0, _most_held(compute, split)
@@ -540,7 +540,7 @@ def _walk_by_counts(compute, rank: int, K: int, V: int, split: bool, full: bool)
 
 
 _F, _B, _W = 0, 1, 2
-_KIND_CODE = {Kind.F: _F, Kind.B: _B, Kind.W: _W}
+_KIND_CODE = {Kind.F: _F, Kind.B: _B, Kind.I: _B, Kind.W: _W}  # `split` tells B from I
 
 
 @functools.lru_cache(maxsize=64)
@@ -621,7 +621,7 @@ def _shared_edge_moments(compute, V: int, split: bool, full: bool) -> np.ndarray
             if not full:
                 acquire(("body", s, m), base + BODY)
                 acquire(edge_out, base + OUTPUT)
-        elif a.kind == Kind.B:
+        elif a.kind in (Kind.B, Kind.I):
             if full:
                 spike = list(counts)
                 spike[base + TRANSIENT_BODY] += 1

@@ -693,7 +693,7 @@ class LayerBench:
     microbatches: list
 
     def run(self) -> dict[str, float]:
-        """One micro-batch through every action: {"F": s, "B": s[, "W": s]} of the layer."""
+        """One micro-batch through every action: {"F": s, "B": s} (split: "I", "W") of it."""
         self.runtime.trace = []
         self.runtime.step(self.microbatches)
         mine = (entry for entry in self.runtime.trace if entry[0].stage == self.stage)
@@ -737,7 +737,8 @@ def layer_bench(
         stages[me + 1] = _Sink()
         loss_fn = _fixed_gradient_loss(torch.randn(shape, dtype=ctx.dtype))
     actions = [Action(s, Kind.F, 0) for s in stages]
-    actions += [Action(s, Kind.B, 0) for s in reversed(stages) if s >= me]
+    backward = Kind.B if store is None else Kind.I  # split: the layer's W follows
+    actions += [Action(s, backward, 0) for s in reversed(stages) if s >= me]
     if store is not None:
         actions.append(Action(me, Kind.W, 0))
     tokens = torch.randint(0, model.vocab_size, (mbs, model.seq_len))
@@ -871,7 +872,7 @@ def _plain_row(group: dict, tp: int, mbs: int, times: dict) -> dict:
         "microbatch_size": mbs,
         "recompute": "false",
         "f": times["plain.F"],
-        "b": times["split.B"],
+        "b": times["split.I"],
         "w": times["split.W"],
         "bw": times["plain.B"],
         "f_split": times["split.F"],

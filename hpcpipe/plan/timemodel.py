@@ -174,7 +174,7 @@ def _summarize_run(sim: SimResult, K: int) -> PipelineRun:
     """Per rank its end; per stage its last backward action (B or W) and its duration."""
     rank_end = [0.0] * K
     last: dict[int, tuple[float, float, int]] = {}
-    backward = (Kind.B, Kind.W)
+    backward = (Kind.B, Kind.I, Kind.W)
     for t in sim.timeline:
         if t.end > rank_end[t.rank]:
             rank_end[t.rank] = t.end

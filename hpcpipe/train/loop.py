@@ -15,6 +15,9 @@ from hpcpipe.config import Config
 from hpcpipe.parallel.grid import Grid, Topology
 from hpcpipe.parallel.p2p import allreduce_, wait_politely
 from hpcpipe.pipeline import trace as tracing
+from hpcpipe.pipeline.autoschedule import AUTO
+from hpcpipe.pipeline.schedule import build_schedule
+from hpcpipe.pipeline.simulate import fit_costs
 from hpcpipe.plan import devices, flops
 from hpcpipe.train import evaluate as evaluation
 from hpcpipe.train import fault, logs, memory, recovery
@@ -61,8 +64,9 @@ def train(
     return records
 
 
-def trace_step(trainer: PipelineTrainer, path: str) -> dict:
-    """Run one step with every action timed; rank 0 writes the merged trace. Returns the record."""
+def timed_step(trainer: PipelineTrainer) -> tuple[dict, list[dict] | None]:
+    """Run one step with every action timed: its record, and on world rank 0 the events of
+    every pipeline rank (of the first data-parallel replica)."""
     comm = trainer.grid.cart
     comm.Barrier()  # a common origin for every rank's clock
     origin = time.perf_counter()
@@ -71,6 +75,13 @@ def trace_step(trainer: PipelineTrainer, path: str) -> dict:
     events = tracing.local_events(trainer.runtime.trace, origin, trainer.grid.pp_rank)
     trainer.runtime.trace = None
     gathered = comm.gather(events if trainer.grid.coords["dp"] == 0 else [], root=0)
+    merged = [e for part in gathered for e in part] if trainer.grid.world_rank == 0 else None
+    return record, merged
+
+
+def trace_step(trainer: PipelineTrainer, path: str) -> dict:
+    """Run one step with every action timed; rank 0 writes the merged trace. Returns the record."""
+    record, events = timed_step(trainer)
     if trainer.grid.world_rank == 0:
         s = trainer.config.schedule
         meta = {
@@ -81,8 +92,29 @@ def trace_step(trainer: PipelineTrainer, path: str) -> dict:
             "step": record["step"],
             "step_time": record["step_time"],
         }
-        meta = tracing.write_trace(path, [e for part in gathered for e in part], meta)
+        meta = tracing.write_trace(path, events, meta)
         record["measured_bubble"] = meta["measured_bubble"]
+    return record
+
+
+def fits_zb_auto(config) -> bool:
+    """zb-auto without given costs: its first step here is timed and the schedule rebuilt."""
+    s = config.schedule
+    return s.name == AUTO and not s.costs and not s.csv and config.parallel.pp > 1
+
+
+def fitted_step(trainer: PipelineTrainer, say) -> dict:
+    """One timed step; then zb-auto rebuilt for the T_F, T_B, T_W and T_comm it measured (rank
+    0 fits them, every rank builds the same schedule from them)."""
+    record, events = timed_step(trainer)
+    costs = fit_costs(tracing.compute_timeline(events), V=1) if events is not None else None
+    costs = trainer.grid.cart.bcast(costs, root=0)
+    s, pp = trainer.config.schedule, trainer.config.parallel.pp
+    schedule = build_schedule(AUTO, pp, s.microbatches, costs=costs, memory_limit=s.memory_limit)
+    trainer.use_schedule(schedule)
+    say(f"hpcpipe: zb-auto rebuilt for the costs step {record['step']} measured: T_F "
+        f"{costs.t_f * 1e3:.2f} ms, T_B {costs.t_b * 1e3:.2f} ms, T_W {costs.t_w * 1e3:.2f} "
+        f"ms, T_comm {costs.t_comm * 1e3:.3f} ms (set schedule.costs to fix them)")  # fmt: skip
     return record
 
 
@@ -269,9 +301,15 @@ def step_loop(trainer: PipelineTrainer, sink, say, trace_path, board=None) -> li
     eta = logs.Eta(config.train.steps)
     step_flops, peak = model_flops_and_peak(trainer)
     world = trainer.grid.cart.Get_size()
+    fitting = fits_zb_auto(config)
     while trainer.step_index < config.train.steps:
         last = trainer.step_index == config.train.steps - 1
-        record = trace_step(trainer, trace_path) if trace_path and last else trainer.train_step()
+        if trace_path and last:
+            record = trace_step(trainer, trace_path)
+        elif fitting:
+            record, fitting = fitted_step(trainer, say), False
+        else:
+            record = trainer.train_step()
         record.update(flops.rank_throughput(step_flops, record["step_time"], world, peak))
         if evaluation.due(record["step"], config, last):  # collective: every rank evaluates
             record.update(evaluation.metrics(trainer.evaluate()))

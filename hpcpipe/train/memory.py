@@ -33,7 +33,7 @@ from torch import nn
 from hpcpipe.config import HALF
 from hpcpipe.config import TORCH_DTYPES as DTYPES
 from hpcpipe.models import api
-from hpcpipe.pipeline.schedule import SPLIT_BACKWARD, Action, Kind, peak_microbatches
+from hpcpipe.pipeline.schedule import Action, Kind, peak_microbatches, uses_split_backward
 
 FP32 = 4  # bytes of a float32
 # The measured record's keys, in the order a MAX-reduction vector carries them.
@@ -438,7 +438,7 @@ def peak_activation_bytes(
     stages = {s: _as_stage_bytes(b) for s, b in bytes_of_stage.items()}
     live = _Live()
     for a in actions:
-        if a.kind not in (Kind.F, Kind.B, Kind.W):
+        if not a.is_compute:
             continue
         s, m = a.stage, a.microbatch
         sb = stages[s]
@@ -450,7 +450,7 @@ def peak_activation_bytes(
             if not full:
                 live.acquire(body, sb.body)
                 live.acquire(edge_out, sb.output)
-        elif a.kind == Kind.B:
+        elif a.kind in (Kind.B, Kind.I):
             if full:
                 live.transient(sb.body + sb.output)  # the recomputed forward, during B
             else:
@@ -474,7 +474,6 @@ def predict_comm(actions: Sequence[Action], buffer_bytes: int) -> int:
     the most receives outstanding at once. Forward and backward messages share one shape.
     On CPU the received stage inputs are these buffers, so they are in the activations too.
     """
-    has_w = {(a.stage, a.microbatch) for a in actions if a.kind == Kind.W}
     outstanding: dict[tuple[int, int], int] = {}
     live = peak = 0
     for a in actions:
@@ -483,7 +482,7 @@ def predict_comm(actions: Sequence[Action], buffer_bytes: int) -> int:
             outstanding[key] = outstanding.get(key, 0) + 1
             live += 1
             peak = max(peak, live)
-        elif a.kind == Kind.W or (a.kind == Kind.B and key not in has_w):
+        elif a.kind in (Kind.B, Kind.W):  # done here: a full backward, or a split one's W
             live -= outstanding.pop(key, 0)
     return peak * buffer_bytes
 
@@ -548,7 +547,7 @@ def predict_rank(
     dtype = config.train.dtype
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     mode = normalise_recompute(s.recompute)
-    split = s.name in SPLIT_BACKWARD
+    split = uses_split_backward(blueprint.schedule)
     b = blueprint
     stages = range(pp_rank, b.num_stages, p.pp)
     options = {"split_backward": split, "device": device, "prepare": prepare}

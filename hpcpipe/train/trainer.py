@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,14 @@ from hpcpipe.pipeline.runtime import PipelineRuntime, StepResult
 from hpcpipe.pipeline.schedule import (
     FORWARD_SCHEDULES,
     SCHEDULES,
-    SPLIT_BACKWARD,
     Schedule,
     ScheduleError,
     build_schedule,
     forward_only_schedule,
+    load_csv_schedule,
+    uses_split_backward,
 )
+from hpcpipe.pipeline.simulate import Costs
 from hpcpipe.pipeline.zero_bubble import WeightGradStore, enable_split_backward
 from hpcpipe.train import evaluate as evaluation
 from hpcpipe.train import fault, memory, optim
@@ -78,7 +81,13 @@ def make_blueprint(config: Config, world_size: int, data: bool = True) -> Bluepr
                 f"schedule.name={s.name!r} has no backward: it is what evaluation runs "
                 f"(train.eval_every, hpcpipe eval); train with one of {', '.join(SCHEDULES)}"
             )
-        schedule = build_schedule(s.name, p.pp, s.microbatches, s.virtual)
+        if s.csv:
+            schedule = load_csv_schedule(s.csv, p.pp, s.microbatches, s.virtual)
+        else:
+            timing = Costs.parse(s.costs) if s.costs else None  # zb-auto's
+            schedule = build_schedule(
+                s.name, p.pp, s.microbatches, s.virtual, costs=timing, memory_limit=s.memory_limit
+            )
         partition = partition_layers(costs, num_stages, counts=p.partition or None)
     except (PartitionError, ScheduleError) as exc:
         detail = f" (pp={p.pp} x schedule.virtual={s.virtual} stages)" if s.virtual > 1 else ""
@@ -130,7 +139,7 @@ class PipelineTrainer:
         self.tp_specs: dict[str, tuple] = {}  # global name -> (dim, offset, global size)
         self.stages = self._build_stages()
         self.weight_store = None
-        if config.schedule.name in SPLIT_BACKWARD:
+        if uses_split_backward(blueprint.schedule):
             self.weight_store = WeightGradStore()
             for stage in self.stages.values():
                 enable_split_backward(stage, self.weight_store)
@@ -184,6 +193,14 @@ class PipelineTrainer:
         self.eval_runtime: PipelineRuntime | None = None  # built by the first evaluate()
         self.validation: evaluation.ValidationSet | None = None
         self.last_eval: StepResult | None = None  # what the last evaluation measured
+
+    def use_schedule(self, schedule: Schedule) -> None:
+        """Run `schedule` from the next step on (zb-auto rebuilt for measured costs). Its
+        backwards must be split as the current one's are: the stages were built for that."""
+        if uses_split_backward(schedule) != uses_split_backward(self.blueprint.schedule):
+            raise ValueError("a schedule can only be replaced by one that splits backwards alike")
+        self.blueprint = dataclasses.replace(self.blueprint, schedule=schedule)
+        self.runtime.actions = schedule[self.pp_rank]
 
     def _norm_ids(self, named) -> set[int]:
         """ids of the parameters whose squares this rank adds to the global norm (once each).
@@ -475,7 +492,7 @@ def describe_run(config: Config, blueprint: Blueprint, world_size: int) -> str:
     p, s = config.parallel, config.schedule
     lines = [
         f"hpcpipe: {config.model.arch} model, {world_size} ranks "
-        f"(dp={p.dp} pp={p.pp} tp={p.tp}), schedule {s.name}, "
+        f"(dp={p.dp} pp={p.pp} tp={p.tp}), schedule {s.csv or s.name}, "
         f"M={s.microbatches} micro-batches of {blueprint.microbatch_size}"
         f"{f', V={s.virtual} chunks per rank' if s.virtual > 1 else ''}, dtype {config.train.dtype}"
         f"{f', recompute {s.recompute}' if s.recompute != 'false' else ''}"
