@@ -183,3 +183,14 @@ def test_schedule_command_writes_and_reads_torchs_csv(tmp_path):
                                "--microbatches", "3", "--format", "json").stdout)  # fmt: skip
     assert (record["K"], record["M"], record["V"]) == (2, 3, 1)
     assert record["schedule"] == named["schedule"] and record["step_time"] == named["step_time"]
+
+
+def test_a_v_shape_dump_is_refused_until_hpcpipe_places_stages_so(tmp_path):
+    """torch's ZBV puts stages r and 2K-1-r on rank r; hpcpipe places stage s on rank s % K."""
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    K, M = 2, 4
+    order = schedules.ScheduleZBVZeroBubble([StandIn(0, K, 2), StandIn(2 * K - 1, K, 2)], M)
+    path = tmp_path / "zbv.csv"
+    order._dump_csv(str(path))
+    with pytest.raises(ScheduleError, match="stage 3 lives on rank 1, not rank 0"):
+        load_csv_schedule(str(path), K, M, 2)

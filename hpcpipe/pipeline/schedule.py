@@ -213,8 +213,9 @@ def compute_zb_h2(K: int, M: int, V: int = 1) -> Schedule:
 
     Rank r holds up to 2K - 1 micro-batches, so its warm-up runs forwards until the first
     gradient can be back (2(K - r) - 1 of them at equal costs) and the W's deferred to the
-    end fill the drain: the order list scheduling gives at T_F = T_B = T_W (greedy.py). Its
-    bubble is (K - 1)(T_F + T_B + 2 T_comm - 2 T_W) of a rank's time where that is >= 0.
+    end fill the drain: the order list scheduling gives at T_F = T_B = T_W (greedy.py). With
+    M >= 2K its bubble is (K - 1)(T_F + T_B + 2 T_comm - 2 T_W) of a rank's time where that is
+    >= 0 (tests/test_zero_bubble_schedules.py).
     """
     from hpcpipe.pipeline.greedy import list_schedule  # NOTE: greedy is pure; no cycle at import
 
