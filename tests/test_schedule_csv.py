@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from test_schedule import StandIn, interleaved_valid
 
 from hpcpipe.pipeline.schedule import (
     SCHEDULES,
@@ -16,7 +17,6 @@ from hpcpipe.pipeline.schedule import (
     ScheduleError,
     build_schedule,
     from_csv,
-    interleaved_round,
     load_csv_schedule,
     to_csv,
     uses_split_backward,
@@ -33,14 +33,6 @@ SHAPES = [("gpipe", 3, 4, 1), ("gpipe", 2, 3, 2), ("1f1b", 4, 6, 1), ("interleav
 
 def compute(schedule) -> dict:
     return {r: [str(a) for a in acts if a.is_compute] for r, acts in schedule.items()}
-
-
-def interleaved_valid(K: int, M: int) -> bool:
-    try:
-        interleaved_round(K, M)
-    except ScheduleError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -89,14 +81,6 @@ def test_torch_csv_cells_that_are_not_one_action():
 def stand_ins(K: int, V: int):
     """What torch's multi-stage schedules read from a stage (rank 0's, as the CSV tools do)."""
     return [StandIn(s, K, V) for s in range(0, K * V, K)]
-
-
-class StandIn:
-    def __init__(self, index, K, V):
-        self.stage_index, self.num_stages = index, K * V
-        self.group_rank, self.group_size = 0, K
-        self.is_first, self.is_last = index == 0, index == K * V - 1
-        self.submod = None  # read only to refuse torch.compile'd stages
 
 
 @pytest.mark.parametrize("name, K, M, V", SHAPES)
