@@ -2,15 +2,18 @@
 
     python benchmarks/bench_plan.py [--ranks 4] [--rounds 3] [--steps 8] [--out DIR]
 
-1. `mpiexec -n 4 hpcpipe plan --profile DIR/profile.json` times this machine's layers of the
-   benchmark GPT (F, B, W per micro-batch size and tp degree), its p2p and allreduce, and how
-   fast 1..4 processes run at once on its cores.
-2. `hpcpipe plan --device DIR/profile.json --gpus 4` ranks every layout; its first choice and
-   a fixed mix of others (dp, pp, tp, schedules, M, recomputation, ZeRO) are predicted.
-3. Each layout trains --steps steps under mpiexec, in --rounds interleaved rounds (every
-   layout once per round, so the VM's slow spells hit all of them); measured step time = the
-   median over rounds of each run's median step_time after 2 warm-up steps; measured memory =
-   the metrics' MAX-over-ranks total.
+1. Before every round, `mpiexec -n 4 hpcpipe plan --profile DIR/profile_rN.json` times this
+   machine's layers of the benchmark GPT (F, B, W per micro-batch size and tp degree), its p2p
+   and allreduce, and how fast 1..4 processes run at once on its cores. A shared VM's speed
+   drifts by +-15 % over the half hour the runs take; one two-minute profile samples one spell.
+2. Each layout trains --steps steps under mpiexec, in --rounds interleaved rounds (every
+   layout once per round, so the VM's slow spells hit all of them): the first profile's top
+   --first-choices layouts and a fixed mix of others (dp, pp, tp, schedules, M, recomputation,
+   ZeRO). Measured step time = the median over rounds of each run's median step_time after 2
+   warm-up steps; measured memory = the metrics' MAX-over-ranks total.
+3. `hpcpipe plan --device DIR/profile_r1.json,...` (the profiles merged by median) ranks every
+   layout and predicts each measured one; its first choice is measured after the rounds if it
+   was not among them.
 Prints the table (error per layout, Spearman rank correlation, the first choice against the
 fastest measured) and writes DIR/bench_plan.json.
 """
@@ -32,7 +35,8 @@ from hpcpipe import config as cfg  # noqa: E402
 from hpcpipe.launch import mpi_env, mpiexec_command  # noqa: E402
 from hpcpipe.models import get_spec  # noqa: E402
 from hpcpipe.plan.machines import ProfileMachine  # noqa: E402
-from hpcpipe.plan.profile import groups_of, load_profile  # noqa: E402
+from hpcpipe.plan.merge import load_profiles  # noqa: E402
+from hpcpipe.plan.profile import groups_of  # noqa: E402
 from hpcpipe.plan.search import memory_of, search  # noqa: E402
 from hpcpipe.plan.timemodel import Layout, PlanModel, predict  # noqa: E402
 
@@ -108,30 +112,50 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--out", help="folder for profile.json and bench_plan.json")
-    parser.add_argument("--profile", help="reuse this profile instead of measuring one")
+    parser.add_argument("--out", help="folder for the profiles and bench_plan.json")
+    parser.add_argument("--profile", help="reuse this profile (A.json or A.json,B.json,...)")
+    parser.add_argument("--first-choices", type=int, default=2,
+                        help="the first profile's top layouts measured in every round")  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_plan_"))
     out.mkdir(parents=True, exist_ok=True)
-    prof_path = Path(args.profile) if args.profile else out / "profile.json"
-    if not args.profile:
-        profile(args.ranks, prof_path)
     config = cfg.build_config({}, cfg.parse_overrides({k: str(v) for k, v in MODEL.items()}))
     spec = get_spec(config.model.arch)
     plan = PlanModel(spec, config.model, config.train.dtype, config.train.global_batch)
-    machine = ProfileMachine(load_profile(prof_path), groups_of(spec, config.model))
-    result = search(plan, machine, args.ranks, top=5)
-    first = result.ranked[0].layout
-    layouts = [first] + [Layout(*m) for m in MIX if Layout(*m) != first]
-    predicted = {lay: predict(plan, machine, lay).step_s for lay in layouts}
-    memory = {lay: max(m["total"] - m.get("comm", 0) for m in memory_of(plan, lay))
-              for lay in layouts}  # fmt: skip
+
+    def machine_of(paths: list[str]) -> ProfileMachine:
+        return ProfileMachine(load_profiles(paths), groups_of(spec, config.model))
+
+    # a profile before every round (unless one is given): the merged profile has sampled the
+    # machine over the same half hour as the runs, not one two-minute spell of it
+    profiles = args.profile.split(",") if args.profile else []
+    if not profiles:
+        profiles.append(str(out / "profile_r1.json"))
+        profile(args.ranks, Path(profiles[0]))
+    early = search(plan, machine_of(profiles[:1]), args.ranks, top=args.first_choices)
+    firsts = [entry.layout for entry in early.ranked[: args.first_choices]]
+    layouts = firsts + [Layout(*m) for m in MIX if Layout(*m) not in firsts]
     measured: dict[Layout, list[dict]] = {lay: [] for lay in layouts}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
+            if r and not args.profile:
+                profiles.append(str(out / f"profile_r{r + 1}.json"))
+                profile(args.ranks, Path(profiles[-1]))
             for lay in layouts:
                 measured[lay].append(measure(args.ranks, lay, args.steps, Path(tmp)))
                 print(f"round {r + 1} {lay}: {measured[lay][-1]}", flush=True)
+        machine = machine_of(profiles)
+        first = search(plan, machine, args.ranks, top=5).ranked[0].layout
+        if first not in measured:  # the merged profile chose a layout not measured yet
+            layouts.insert(0, first)
+            measured[first] = [measure(args.ranks, first, args.steps, Path(tmp))
+                               for _ in range(args.rounds)]  # fmt: skip
+            print(f"first choice {first} (measured after the rounds): {measured[first]}")
+    layouts.remove(first)
+    layouts.insert(0, first)
+    predicted = {lay: predict(plan, machine, lay).step_s for lay in layouts}
+    memory = {lay: max(m["total"] - m.get("comm", 0) for m in memory_of(plan, lay))
+              for lay in layouts}  # fmt: skip
     rows = []
     for lay in layouts:
         step = statistics.median(m["step_s"] for m in measured[lay])
@@ -144,7 +168,7 @@ def main() -> None:
     fastest = min(r["measured_s"] for r in rows)
     report = {"rows": rows, "spearman": rho, "first_choice": vars(first),
               "first_choice_vs_fastest": rows[0]["measured_s"] / fastest - 1,
-              "profile": str(prof_path), "machine": machine.profile.machine}  # fmt: skip
+              "profiles": profiles, "machine": machine.profile.machine}  # fmt: skip
     (out / "bench_plan.json").write_text(json.dumps(report, indent=1))
     print(f"{'layout':<58} {'pred':>8} {'meas':>8} {'err':>6} {'pred mem':>9} {'meas mem':>9} "
           f"{'err':>6}")  # fmt: skip

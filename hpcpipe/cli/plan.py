@@ -38,7 +38,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument(
         "--device",
         default="h100-80g",
-        help=f"{'|'.join(DEVICES)} or a PROFILE.json written by --profile (default h100-80g)",
+        help=f"{'|'.join(DEVICES)} or a PROFILE.json written by --profile, or several "
+        "A.json,B.json of one machine merged by median (default h100-80g)",
     )
     p.add_argument("--global-batch", type=int, help="sequences per step (train.global_batch)")
     for axis in ("dp", "pp", "tp", "microbatches"):
@@ -78,15 +79,19 @@ def machine_for(args, spec, model):
     if args.device in DEVICES:
         per_node = args.gpus_per_node or DEFAULT_GPUS_PER_NODE
         return DeviceMachine(device_by_name(args.device), per_node)
-    if not Path(args.device).exists():
+    # several profiles of one machine, comma-separated, are merged by median (plan/merge.py)
+    paths = [p for p in args.device.split(",") if p]
+    missing = [p for p in paths if not Path(p).exists()]
+    if not paths or missing:
         raise ValueError(
-            f"--device {args.device!r} is neither a known device ({', '.join(DEVICES)}) nor a "
-            "profile file; write one with `mpiexec -n N hpcpipe plan --profile OUT.json`"
+            f"--device {', '.join(missing) or args.device!r} is neither a known device "
+            f"({', '.join(DEVICES)}) nor a profile file; write one with "
+            "`mpiexec -n N hpcpipe plan --profile OUT.json`"
         )
-    from hpcpipe.plan.profile import groups_of, load_profile
+    from hpcpipe.plan.merge import load_profiles
+    from hpcpipe.plan.profile import groups_of
 
-    profile = load_profile(args.device)
-    return ProfileMachine(profile, groups_of(spec, model))
+    return ProfileMachine(load_profiles(paths), groups_of(spec, model))
 
 
 def run_plan(args) -> int:

@@ -278,7 +278,11 @@ _REQUIRED = (
 def load_profile(path: str | Path) -> Profile:
     """Read a profile that run_profile wrote; ValueError naming the file and the fault."""
     path = str(path)
-    data = _read_json(path)
+    return profile_from_data(path, _read_json(path))
+
+
+def profile_from_data(path: str, data) -> Profile:
+    """A Profile from a profile's JSON object (read from `path`, or merged from several)."""
     _require(
         path,
         isinstance(data, dict) and data.get("kind") == KIND,
