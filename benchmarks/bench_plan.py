@@ -147,12 +147,10 @@ def main() -> None:
         machine = machine_of(profiles)
         first = search(plan, machine, args.ranks, top=5).ranked[0].layout
         if first not in measured:  # the merged profile chose a layout not measured yet
-            layouts.insert(0, first)
             measured[first] = [measure(args.ranks, first, args.steps, Path(tmp))
                                for _ in range(args.rounds)]  # fmt: skip
             print(f"first choice {first} (measured after the rounds): {measured[first]}")
-    layouts.remove(first)
-    layouts.insert(0, first)
+    layouts = [first] + [lay for lay in layouts if lay != first]
     predicted = {lay: predict(plan, machine, lay).step_s for lay in layouts}
     memory = {lay: max(m["total"] - m.get("comm", 0) for m in memory_of(plan, lay))
               for lay in layouts}  # fmt: skip

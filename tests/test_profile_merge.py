@@ -93,7 +93,7 @@ def test_profiles_of_another_model_request_or_machine_are_refused_naming_the_fie
         merge_profiles([base, other], ["a", "b"])
 
 
-def test_hpcpipe_plan_reads_comma_separated_profiles_and_refuses_a_missing_one(base, tmp_path):
+def test_hpcpipe_plan_names_a_missing_profile_among_comma_separated_ones(base, tmp_path):
     paths = write_all(tmp_path, [scaled(base, 1.0), scaled(base, 1.1), scaled(base, 1.2)])
     model = ["--model.n_layers=2", "--model.d_model=64", "--model.n_heads=2",
              "--model.seq_len=16", "--model.vocab_size=32", "--train.global_batch=8"]  # fmt: skip

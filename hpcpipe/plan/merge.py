@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from hpcpipe.plan.profile import Profile, _read_json, load_profile, profile_from_data
+from hpcpipe.plan.profile import Profile, load_profile, profile_from_data
 
 # integers that count repetitions (chosen per run from its timings), not identifiers
 _COUNTS = {"repeats"}
@@ -23,12 +23,12 @@ _STATE = {"load_average_start", "load_average_end"}
 
 def load_profiles(paths: Sequence[str]) -> Profile:
     """One profile (as load_profile) or the median of several; ValueError naming the fault."""
-    if len(paths) == 1:
-        return load_profile(paths[0])
-    for path in paths:
-        load_profile(path)  # each must be a valid profile on its own
-    merged = merge_profiles([_read_json(str(p)) for p in paths], [str(p) for p in paths])
-    return profile_from_data("+".join(str(p) for p in paths), merged)
+    profiles = [load_profile(path) for path in paths]  # each must be valid on its own
+    if len(profiles) == 1:
+        return profiles[0]
+    names = [p.path for p in profiles]
+    merged = merge_profiles([p.raw for p in profiles], names)
+    return profile_from_data("+".join(names), merged)
 
 
 def merge_profiles(profiles: Sequence[dict], names: Sequence[str]) -> dict:
@@ -80,12 +80,12 @@ def _merge_dict(values: list[dict], names: list[str], where: str) -> dict:
 
 def _merge_by_size(values: list[list], names: list[str], where: str) -> list[dict]:
     """The contention loop's sizes are chosen per profile from its own table: merge per size."""
-    by_size: dict[int, list[dict]] = {}
-    for entries in values:
+    by_size: dict[int, list[tuple[str, dict]]] = {}
+    for name, entries in zip(names, values, strict=True):
         for entry in entries:
-            by_size.setdefault(int(entry["microbatch_size"]), []).append(entry)
+            by_size.setdefault(int(entry["microbatch_size"]), []).append((name, entry))
     return [
-        _merge(group, names[: len(group)], f"{where}[size {size}]")
+        _merge([e for _, e in group], [n for n, _ in group], f"{where}[size {size}]")
         for size, group in sorted(by_size.items())
     ]
 
