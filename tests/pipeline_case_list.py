@@ -90,20 +90,24 @@ def llama_cases(world: int) -> list[dict]:
 
 # Schedules II (ZB-H2, zb-auto): fewer cases, so the suite stays short; the schedules' own
 # structure is checked on the whole grid serially (tests/test_zero_bubble_schedules.py)
-NEW_SCHEDULES = ("zb-h2", "zb-auto")
+NEW_SCHEDULES = ("zb-h2", "zb-auto", "zb-v")
+V_SHAPE = ("zb-v",)
 NEW_LAYOUTS = {2: [(1, 2, 1)], 4: [(1, 4, 1), (2, 2, 1), (1, 2, 2)], 8: [(2, 2, 2)]}
 
 
 def new_schedule_cases(world: int) -> list[dict]:
-    """ZB-H2 and zb-auto: pipelines at M = pp and 2 pp + 1, +/- recompute; dp and tp at M = 3."""
+    """ZB-H2, zb-auto and ZB-V (V = 2): pipelines at M = pp and 2 pp + 1, +/- recompute; dp and tp at M = 3."""
     out = []
     for layout in NEW_LAYOUTS.get(world, []):
         pp = layout[1]
         pure = layout == (1, world, 1)
         for name in NEW_SCHEDULES:
+            V = 2 if name in V_SHAPE else 1
             for M in (pp, 2 * pp + 1) if pure else (3,):
                 for recompute in (False, True) if pure else (False,):
-                    out.append(case(name, 1, M, recompute, layout))
+                    out.append(case(name, V, M, recompute, layout))
+    if world == 2:  # the V shape without tied embeddings: rank 0 holds both ends untied
+        out.append(case("zb-v", 2, 3, False, (1, 2, 1), tie=False))
     return out
 
 

@@ -6,6 +6,11 @@ import re
 import pytest
 
 from hpcpipe.pipeline.schedule import (
+    compute_zb_v,
+    peak_microbatches,
+    V_SHAPE,
+    named_placement,
+    stages_of,
     SCHEDULES,
     SPLIT_BACKWARD,
     Action,
@@ -333,14 +338,15 @@ def test_every_schedule_validates_over_the_whole_grid(K):
     """K <= 8, M <= 32, V <= 4: every generated schedule passes the validator."""
     for M in range(1, 33):
         for name in SCHEDULES:
-            for V in range(1, 5) if name in ("gpipe", *INTERLEAVED) else (1,):
+            shapes = range(1, 5) if name in ("gpipe", *INTERLEAVED) else (1,)
+            for V in (2,) if name in V_SHAPE else shapes:
                 if name in INTERLEAVED and not interleaved_valid(K, M):
                     continue
                 sched = build_schedule(name, K, M, V)
                 kinds = "FIW" if name in SPLIT_BACKWARD else "FB"
                 for r in range(K):
                     comp = sorted(str(a) for a in sched[r] if a.is_compute)
-                    stages = range(r, K * V, K)
+                    stages = stages_of(named_placement(name, K, V), r)
                     want = sorted(f"{s}{k}{m}" for s in stages for k in kinds for m in range(M))
                     assert comp == want, (name, K, M, V, r)
 
@@ -479,3 +485,27 @@ def test_interleaved_zb_defers_w_by_two_backwards_per_downstream_rank():
 def test_split_backward_schedules_reject_v():
     with pytest.raises(ScheduleError, match="only V=1"):
         build_schedule("zb-h1", 2, 4, 2)
+
+
+def torch_zbv(schedules, K: int, M: int) -> dict:
+    """torch's ScheduleZBVZeroBubble order (its idle slots dropped), as strings."""
+    order = schedules.ScheduleZBVZeroBubble([StandIn(0, K, 2), StandIn(2 * K - 1, K, 2)], M)
+    return {r: [str(a) for a in acts if a is not None] for r, acts in order.pipeline_order.items()}
+
+
+def test_zb_v_is_torchs_zbv_order_in_the_v_shape():
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    for K, M in itertools.product(range(1, 9), range(1, 33)):
+        ours = {r: [str(a) for a in acts] for r, acts in compute_zb_v(K, M).items()}
+        assert ours == torch_zbv(schedules, K, M), (K, M)
+    assert named_placement("zb-v", 3) == (0, 1, 2, 2, 1, 0)  # rank r: stages r and 2K-1-r
+
+
+def test_zb_v_holds_1f1b_peak_memory_and_its_turn_is_local():
+    for K, M in itertools.product(range(1, 7), range(1, 25)):
+        schedule = build_schedule("zb-v", K, M, 2)
+        # 2K chunk activations, each half a 1F1B stage's: 1F1B's first rank holds K stages
+        assert max(peak_microbatches(a) for a in schedule.values()) <= 2 * min(K, M), (K, M)
+        turn = {Action(K - 1, Kind.SEND_F, 0), Action(K, Kind.RECV_F, 0),
+                Action(K, Kind.SEND_B, 0), Action(K - 1, Kind.RECV_B, 0)}  # fmt: skip
+        assert not turn & set(schedule[K - 1]), (K, M)  # stage K-1 -> K stays on rank K-1

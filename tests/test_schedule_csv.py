@@ -18,8 +18,10 @@ from hpcpipe.pipeline.schedule import (
     build_schedule,
     from_csv,
     load_csv_schedule,
+    placement_of,
     to_csv,
     uses_split_backward,
+    v_placement,
     validate,
 )
 from hpcpipe.pipeline.simulate import Costs, simulate
@@ -38,7 +40,7 @@ def compute(schedule) -> dict:
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_split_schedules_write_i_and_w_and_the_others_b(name):
     for K, M in itertools.product(range(1, 5), range(1, 9)):
-        V = 2 if "interleaved" in name else 1
+        V = 2 if "interleaved" in name or name == "zb-v" else 1
         if V > 1 and not interleaved_valid(K, M):
             continue
         schedule = build_schedule(name, K, M, V)
@@ -169,12 +171,16 @@ def test_schedule_command_writes_and_reads_torchs_csv(tmp_path):
     assert record["schedule"] == named["schedule"] and record["step_time"] == named["step_time"]
 
 
-def test_a_v_shape_dump_is_refused_until_hpcpipe_places_stages_so(tmp_path):
-    """torch's ZBV puts stages r and 2K-1-r on rank r; hpcpipe places stage s on rank s % K."""
+def test_torchs_zbv_and_dualpipev_dumps_load_in_the_v_shape(tmp_path):
+    """torch's ZBV and DualPipeV put stages r and 2K-1-r on rank r: hpcpipe reads the
+    placement from the file (zb-v's order is torch's ZBV order exactly)."""
     schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
-    K, M = 2, 4
-    order = schedules.ScheduleZBVZeroBubble([StandIn(0, K, 2), StandIn(2 * K - 1, K, 2)], M)
-    path = tmp_path / "zbv.csv"
-    order._dump_csv(str(path))
-    with pytest.raises(ScheduleError, match="stage 3 lives on rank 1, not rank 0"):
-        load_csv_schedule(str(path), K, M, 2)
+    for K, M in ((2, 4), (3, 6), (4, 8)):
+        stages = [StandIn(0, K, 2), StandIn(2 * K - 1, K, 2)]
+        for cls in (schedules.ScheduleZBVZeroBubble, schedules.ScheduleDualPipeV):
+            path = tmp_path / f"{cls.__name__}.csv"
+            cls(stages, M)._dump_csv(str(path))
+            loaded = load_csv_schedule(str(path), K, M, 2)
+            assert placement_of(loaded, K, 2) == v_placement(K)
+        zbv = load_csv_schedule(str(tmp_path / "ScheduleZBVZeroBubble.csv"), K, M, 2)
+        assert compute(zbv) == compute(build_schedule("zb-v", K, M, 2))

@@ -27,18 +27,25 @@ class TiedGroup:
     comm: object | None  # the pp ranks holding copies, or None when one rank holds them all
 
 
-def holders(names, stage_of_layer, pp_size: int) -> list[int]:
-    """Pipeline ranks holding some member of a group (stage s lives on rank s % pp)."""
-    return sorted({stage_of_layer(int(n.split(".")[1])) % pp_size for n in names})
+def holders(names, stage_of_layer, rank_of) -> list[int]:
+    """Pipeline ranks holding some member of a group (stage s on rank rank_of(s))."""
+    return sorted({rank_of(stage_of_layer(int(n.split(".")[1]))) for n in names})
 
 
-def build_groups(tie_groups: dict, stages: dict, stage_of_layer, grid) -> list[TiedGroup]:
-    """Collective over the pp axis: every rank passes the same groups in the same order."""
+def build_groups(
+    tie_groups: dict, stages: dict, stage_of_layer, grid, placement=None
+) -> list[TiedGroup]:
+    """Collective over the pp axis: every rank passes the same groups in the same order.
+
+    placement[s]: the pipeline rank of stage s (default round robin). In the V shape the
+    first and last stage share rank 0: GPT-2's tied embedding and head are summed locally."""
     params = _named(stages)
+    pp = grid.topology.pp
+    rank_of = placement.__getitem__ if placement is not None else (lambda s: s % pp)
     out = []
     for key in sorted(tie_groups):
         names = tuple(tie_groups[key])
-        ranks = holders(names, stage_of_layer, grid.topology.pp)
+        ranks = holders(names, stage_of_layer, rank_of)
         comm = grid.split_pp(ranks) if len(ranks) > 1 else None
         found = {id(params[n]): params[n] for n in names if n in params}
         out.append(TiedGroup(key, names, list(found.values()), comm))

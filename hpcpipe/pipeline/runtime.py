@@ -52,7 +52,8 @@ class PipelineRuntime:
     """Executes `actions` over the local stage modules, talking to peers through `p2p`.
 
     stages maps GLOBAL stage index -> module for the chunks this rank holds; num_stages is the
-    total over all ranks (K * V); stage s lives on pipeline rank s % K.
+    total over all ranks (K * V); stage s lives on pipeline rank placement[s] (default round
+    robin, s % K).
     """
 
     stages: dict[int, nn.Module]
@@ -82,10 +83,12 @@ class PipelineRuntime:
     # Evaluation (a forward-only schedule): F runs under no_grad and keeps nothing for a
     # backward; its input is freed at once, its output as soon as it is sent or consumed.
     forward_only: bool = False
+    # the schedule's placement_of (None: round robin); the V shape puts stage 2K-1-r on rank r
+    placement: Sequence[int] | None = None
 
     def rank_of(self, stage: int) -> int:
         """Pipeline rank that holds a global stage."""
-        return stage % self.pp_size
+        return self.placement[stage] if self.placement is not None else stage % self.pp_size
 
     @property
     def _full_recompute(self) -> bool:

@@ -4,8 +4,10 @@ A schedule maps each rank to its ordered list of actions. Action strings follow
 torch.distributed.pipelining exactly (``1F0``, ``0I3``, ``0SEND_F2``) so schedules can be
 exchanged as CSV: F forward, B full backward, I the input-gradient half of a split backward
 and W its weight-gradient half.
-Vocabulary: K ranks, V chunks per rank (K*V global stages, stage s on rank s % K),
-M micro-batches.
+Vocabulary: K ranks, V chunks per rank (K*V global stages), M micro-batches. Where each stage
+lives is read from the schedule itself (`placement_of`: the rank whose compute actions name it):
+round robin (stage s on rank s % K) for every schedule but the V-shape ones (zb-v: rank r holds
+stages r and 2K-1-r, torch's style="v").
 """
 
 from __future__ import annotations
@@ -86,8 +88,70 @@ Schedule = dict[int, list[Action]]
 
 
 def stage_rank(stage: int, K: int) -> int:
-    """Rank hosting a global stage (round-robin placement of chunks)."""
+    """Rank hosting a global stage under round-robin placement (stage s on rank s % K)."""
     return stage % K
+
+
+# placement[s] = the pipeline rank that holds global stage s
+Placement = tuple[int, ...]
+
+
+def loop_placement(K: int, V: int = 1) -> Placement:
+    """Round robin, torch's style="loop": stage s on rank s % K."""
+    return tuple(s % K for s in range(K * V))
+
+
+def v_placement(K: int) -> Placement:
+    """V-shape, torch's style="v": rank r holds stages r and 2K - 1 - r, so the first and the
+    last stage (embedding and head) share rank 0 and the turn at stage K - 1 -> K is local."""
+    return tuple(s if s < K else 2 * K - 1 - s for s in range(2 * K))
+
+
+# the schedules that place stages in the V shape (every other one places them round robin)
+V_SHAPE = frozenset({"zb-v"})
+
+
+def named_placement(name: str, K: int, V: int = 1) -> Placement:
+    """The placement a named schedule uses (what placement_of of its schedule returns)."""
+    return v_placement(K) if name in V_SHAPE else loop_placement(K, V)
+
+
+def stage_owners(schedule: Schedule) -> dict[int, int]:
+    """{stage: the rank running most of its compute actions} (the first such rank on a tie)."""
+    counts: dict[int, Counter] = {}
+    for rank, actions in schedule.items():
+        for a in actions:
+            if a.is_compute:
+                counts.setdefault(a.stage, Counter())[rank] += 1
+    return {s: c.most_common(1)[0][0] for s, c in counts.items()}
+
+
+def misplaced(schedule: Schedule, owners: dict[int, int]) -> tuple[int, Action] | None:
+    """The first (rank, compute action) of a stage that lives on another rank, if any."""
+    for rank, actions in schedule.items():
+        for a in actions:
+            if a.is_compute and owners[a.stage] != rank:
+                return rank, a
+    return None
+
+
+def placement_of(schedule: Schedule, K: int, V: int = 1) -> Placement:
+    """Where the schedule's compute actions run each stage (ScheduleError if on two ranks);
+    a stage no compute action names is placed round robin (the validator reports it missing)."""
+    owners = stage_owners(schedule)
+    stray = misplaced(schedule, owners)
+    if stray is not None:
+        rank, a = stray
+        raise ScheduleError(
+            f"rank {rank}, action {a}: stage {a.stage} lives on rank {owners[a.stage]}, not "
+            f"rank {rank} (each stage runs on one rank)"
+        )
+    return tuple(owners.get(s, s % K) for s in range(K * V))
+
+
+def stages_of(placement: Placement, rank: int) -> list[int]:
+    """The global stages one rank holds, in pipeline order."""
+    return [s for s, r in enumerate(placement) if r == rank]
 
 
 # ---------------------------------------------------------------- generators
@@ -226,6 +290,61 @@ def compute_zb_h2(K: int, M: int, V: int = 1) -> Schedule:
     return {r: [Action(r, Kind(kind), m) for kind, m in actions] for r, actions in order.items()}
 
 
+def compute_zb_v(K: int, M: int, V: int = 2) -> Schedule:
+    """ZB-V (Qi et al., 2024, "Pipeline Parallelism with Controllable Memory"; the Zero Bubble
+    paper's section 6): two chunks per rank in the V shape (rank r holds stages r and 2K-1-r),
+    backward split into I and W, the compute order of torch's ScheduleZBVZeroBubble.
+
+    Rank r warms up with 2(K - r) - 1 forwards of its first chunk, then pairs of both chunks'
+    forwards, then runs F, I, W of each chunk in turn; the W's fill the drain. A rank holds at
+    most 2K chunk activations (each half a stage of 1F1B's): 1F1B's peak memory. At
+    T_F = T_B = T_W and M >= 2K - 1 its bubble is the fill and drain only.
+    """
+    _check_sizes(K, M, V)
+    if V != 2:
+        raise ScheduleError(f"zb-v needs V=2 (two chunks per rank, the V shape), got V={V}")
+    return {rank: _zb_v_rank(K, M, rank) for rank in range(K)}
+
+
+def _zb_v_rank(K: int, M: int, rank: int) -> list[Action]:
+    """One rank's ZB-V order, as torch's _calculate_single_rank_operations builds it: for
+    max(2K - 1, M) micro-batches, those >= M dropped."""
+    n_micro = max(2 * K - 1, M)
+    first, second = rank, 2 * K - 1 - rank
+    out: list[Action] = []
+    count = {(c, k): 0 for c in (first, second) for k in (Kind.F, Kind.I, Kind.W)}
+
+    def emit(stage: int, kind: Kind) -> None:
+        out.append(Action(stage, kind, count[stage, kind]))
+        count[stage, kind] += 1
+
+    for _ in range(2 * (K - rank) - 1):
+        emit(first, Kind.F)
+    for _ in range(rank):
+        emit(second, Kind.F)
+        emit(first, Kind.F)
+    for _ in range(K - rank):
+        for kind in (Kind.F, Kind.I, Kind.W):
+            emit(second, kind)
+    while count[second, Kind.F] < count[first, Kind.F] or count[first, Kind.F] < n_micro:
+        if count[first, Kind.F] < n_micro:
+            emit(first, Kind.F)
+        emit(first, Kind.I)
+        emit(first, Kind.W)
+        for kind in (Kind.F, Kind.I, Kind.W):
+            emit(second, kind)
+    for _ in range(rank):
+        emit(first, Kind.I)
+        emit(second, Kind.I)
+    for _ in range(K - rank):
+        emit(first, Kind.I)
+        emit(first, Kind.W)
+    for stage in (second, first):
+        while count[stage, Kind.W] < count[stage, Kind.I]:
+            emit(stage, Kind.W)
+    return [a for a in out if a.microbatch < M]
+
+
 def compute_interleaved_zb(K: int, M: int, V: int = 2) -> Schedule:
     """Interleaved 1F1B with the backward split and W deferred (ZB-H1's idea on V chunks, as
     torch's ScheduleInterleavedZeroBubble).
@@ -281,24 +400,27 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "zb-h1": compute_zb_h1,
     "zb-h2": compute_zb_h2,
     "interleaved-zb": compute_interleaved_zb,
+    "zb-v": compute_zb_v,
     "zb-auto": compute_zb_auto,
 }
 # Schedules whose backward is split into I (input gradient) and W (weight gradient).
-SPLIT_BACKWARD = frozenset({"zb-h1", "zb-h2", "interleaved-zb", "zb-auto"})
+SPLIT_BACKWARD = frozenset({"zb-h1", "zb-h2", "interleaved-zb", "zb-v", "zb-auto"})
 
 
-def compute_forward_only(K: int, M: int, V: int = 1) -> Schedule:
+def compute_forward_only(K: int, M: int, V: int = 1, place: Placement | None = None) -> Schedule:
     """Evaluation (Megatron's forward_only, DeepSpeed's eval_batch): every F, no backward.
 
     Each rank runs its forwards in the order of the global key (m // K, stage, m % K): groups
     of K micro-batches, depth first over the rank's V chunks as interleaved 1F1B does. Every
     dependency F(s-1, m) -> F(s, m) has a smaller key, so any M and V are deadlock free, and a
     rank's output leaves right after it is made (its SEND_F follows): one micro-batch held.
+    The same holds for any placement (default round robin): the key orders stages globally.
     """
     _check_sizes(K, M, V)
+    place = place or loop_placement(K, V)
     schedule: Schedule = {}
     for rank in range(K):
-        forwards = [(m // K, s, m % K) for s in range(rank, K * V, K) for m in range(M)]
+        forwards = [(m // K, s, m % K) for s in stages_of(place, rank) for m in range(M)]
         schedule[rank] = [Action(s, Kind.F, g * K + i) for g, s, i in sorted(forwards)]
     return schedule
 
@@ -311,45 +433,47 @@ FORWARD_SCHEDULES: dict[str, Callable[..., Schedule]] = {FORWARD_ONLY: compute_f
 # ---------------------------------------------------------------- lowering
 
 
-def _recv_for(action: Action, rank: int, K: int, V: int) -> Action | None:
+def _recv_for(action: Action, rank: int, place: Placement) -> Action | None:
     """Receive a compute action needs from a remote neighbour, if any."""
     s, m = action.stage, action.microbatch
-    if action.kind == Kind.F and s > 0 and stage_rank(s - 1, K) != rank:
+    if action.kind == Kind.F and s > 0 and place[s - 1] != rank:
         return Action(s, Kind.RECV_F, m)
-    if action.kind in BACKWARD_KINDS and s < K * V - 1 and stage_rank(s + 1, K) != rank:
+    if action.kind in BACKWARD_KINDS and s < len(place) - 1 and place[s + 1] != rank:
         return Action(s, Kind.RECV_B, m)
     return None
 
 
-def _send_for(action: Action, rank: int, K: int, V: int) -> Action | None:
+def _send_for(action: Action, rank: int, place: Placement) -> Action | None:
     """Send a compute action's output needs to a remote neighbour, if any."""
     s, m = action.stage, action.microbatch
-    if action.kind == Kind.F and s < K * V - 1 and stage_rank(s + 1, K) != rank:
+    if action.kind == Kind.F and s < len(place) - 1 and place[s + 1] != rank:
         return Action(s, Kind.SEND_F, m)
-    if action.kind in BACKWARD_KINDS and s > 0 and stage_rank(s - 1, K) != rank:
+    if action.kind in BACKWARD_KINDS and s > 0 and place[s - 1] != rank:
         return Action(s, Kind.SEND_B, m)
     return None
 
 
-def _lower_rank(compute: list[Action], rank: int, K: int, V: int) -> list[Action]:
+def _lower_rank(compute: list[Action], rank: int, place: Placement) -> list[Action]:
     """Insert comm for one rank: RECV one compute early, SEND right after producing."""
     # recvs[j + 1] is posted before compute j so the transfer overlaps with it.
-    recvs = [_recv_for(a, rank, K, V) for a in compute] + [None]
+    recvs = [_recv_for(a, rank, place) for a in compute] + [None]
     out: list[Action] = [recvs[0]] if recvs[0] else []
     for j, action in enumerate(compute):
         if recvs[j + 1]:
             out.append(recvs[j + 1])
         out.append(action)
-        send = _send_for(action, rank, K, V)
+        send = _send_for(action, rank, place)
         if send:
             out.append(send)
     return out
 
 
 def add_send_recv(compute: Schedule, K: int, V: int = 1) -> Schedule:
-    """Lower a compute-only schedule by adding SEND/RECV actions between ranks."""
+    """Lower a compute-only schedule by adding SEND/RECV actions between ranks (each stage
+    where the schedule runs it: placement_of)."""
+    place = placement_of(compute, K, V)
     return {
-        rank: _lower_rank([a for a in actions if a.is_compute], rank, K, V)
+        rank: _lower_rank([a for a in actions if a.is_compute], rank, place)
         for rank, actions in compute.items()
     }
 
@@ -382,9 +506,14 @@ def build_schedule(
     return schedule
 
 
-def forward_only_schedule(K: int, M: int, V: int = 1) -> Schedule:
-    """The validated forward-only schedule (F with its SEND_F/RECV_F) of K ranks, M, V."""
-    return build_schedule(FORWARD_ONLY, K, M, V)
+def forward_only_schedule(K: int, M: int, V: int = 1, place: Placement | None = None) -> Schedule:
+    """The validated forward-only schedule (F with its SEND_F/RECV_F) of K ranks, M, V, its
+    stages where `place` puts them (a training schedule's placement_of; default round robin)."""
+    if place is None or place == loop_placement(K, V):
+        return build_schedule(FORWARD_ONLY, K, M, V)
+    schedule = add_send_recv(compute_forward_only(K, M, V, place), K, V)
+    validate(schedule, K, M, V, forward_only=True)
+    return schedule
 
 
 # ---------------------------------------------------------------- simulation
@@ -516,6 +645,11 @@ class _Checker:
         self.schedule, self.K, self.M, self.V = schedule, K, M, V
         self.num_stages = K * V
         self.forward_only = forward_only
+        self.place = loop_placement(K, V)  # check_structure reads the schedule's own
+
+    def owner(self, stage: int) -> int:
+        """The rank holding a stage (the schedule's placement; round robin out of range)."""
+        return self.place[stage] if 0 <= stage < self.num_stages else stage % self.K
 
     def fail(self, rank: int, action: Action, message: str) -> None:
         """Raise ScheduleError naming rank/action, with the marked grid attached."""
@@ -534,9 +668,29 @@ class _Checker:
                     self.fail(rank, a, f"stage {a.stage} out of range 0..{self.num_stages - 1}")
                 if not 0 <= a.microbatch < self.M:
                     self.fail(rank, a, f"microbatch {a.microbatch} out of range 0..{self.M - 1}")
-                if stage_rank(a.stage, self.K) != rank:
-                    owner = stage_rank(a.stage, self.K)
+        owners = stage_owners(self.schedule)
+        stray = misplaced(self.schedule, owners)
+        if stray is not None:
+            rank, a = stray
+            self.fail(rank, a, f"stage {a.stage} lives on rank {owners[a.stage]}, not rank {rank}")
+        self.place = tuple(owners.get(s, s % self.K) for s in range(self.num_stages))
+        self._check_placement()
+        for rank, actions in self.schedule.items():
+            for a in actions:
+                if not a.is_compute and self.owner(a.stage) != rank:
+                    owner = self.owner(a.stage)
                     self.fail(rank, a, f"stage {a.stage} lives on rank {owner}, not rank {rank}")
+
+    def _check_placement(self) -> None:
+        """Every rank holds V stages (the runtime and the partition build V chunks a rank)."""
+        for rank in range(self.K):
+            held = stages_of(self.place, rank)
+            if len(held) != self.V:
+                raise ScheduleError(
+                    f"rank {rank} runs stages {held}: each of the K={self.K} ranks must run "
+                    f"V={self.V} of the {self.num_stages} stages (round robin s % K, or the "
+                    "V shape r and 2K-1-r)"
+                )
 
     def check_coverage(self) -> None:
         """Every (stage, microbatch) has exactly one F and either one B or one I and one W.
@@ -554,7 +708,7 @@ class _Checker:
                     if a.kind not in (Kind.F, Kind.SEND_F, Kind.RECV_F):
                         self.fail(rank, a, "a forward-only schedule has no backward actions")
         for s in range(self.num_stages):
-            rank = stage_rank(s, self.K)
+            rank = self.owner(s)
             present = set(self.schedule.get(rank, []))
             for m in range(self.M):
                 if Action(s, Kind.F, m) not in present:
@@ -611,13 +765,13 @@ class _Checker:
 
     def _check_required_comm(self, rank: int, a: Action, index: dict) -> None:
         """A compute with a remote neighbour needs its RECV posted and its SEND issued."""
-        recv = _recv_for(a, rank, self.K, self.V)
+        recv = _recv_for(a, rank, self.place)
         if recv is not None and recv not in index:
-            peer = stage_rank(_peer_stage(recv), self.K)
+            peer = self.owner(_peer_stage(recv))
             self.fail(rank, a, f"missing {recv}: microbatch {a.microbatch} input from rank {peer}")
-        send = _send_for(a, rank, self.K, self.V)
+        send = _send_for(a, rank, self.place)
         if send is not None and send not in index:
-            peer = stage_rank(_peer_stage(send), self.K)
+            peer = self.owner(_peer_stage(send))
             self.fail(rank, a, f"missing {send}: microbatch {a.microbatch} output to rank {peer}")
 
     def check_matching(self) -> None:
@@ -633,7 +787,7 @@ class _Checker:
         peer_stage = _peer_stage(a)
         if not 0 <= peer_stage < self.num_stages:
             self.fail(rank, a, f"no peer stage {peer_stage} (stages 0..{self.num_stages - 1})")
-        peer = stage_rank(peer_stage, self.K)
+        peer = self.owner(peer_stage)
         if peer == rank:
             self.fail(rank, a, f"peer stage {peer_stage} is on the same rank; no comm allowed")
         twin = _counterpart(a)
@@ -653,7 +807,7 @@ class _Checker:
             return sim
         reasons = [
             f"rank {r} stuck on {a} waiting for "
-            + ", ".join(f"{d} (rank {stage_rank(d.stage, self.K)})" for d in missing)
+            + ", ".join(f"{d} (rank {self.owner(d.stage)})" for d in missing)
             for r, (a, missing) in sorted(sim.stuck.items())
         ]
         rank, (action, _) = min(sim.stuck.items())

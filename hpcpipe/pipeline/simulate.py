@@ -30,7 +30,7 @@ from hpcpipe.pipeline.schedule import (
     Schedule,
     ScheduleError,
     build_schedule,
-    stage_rank,
+    placement_of,
 )
 
 
@@ -210,6 +210,7 @@ def _steps(
             if key[1] == _W:
                 with_w.add((key[0], key[2]))
     num_stages, last_hop = K * V, len(hops) - 1
+    place = placement_of(schedule, K, V)
     new_step = tuple.__new__  # NOTE: _Step(...) goes through a Python-level __new__: 2x slower
     steps: dict[int, list[_Step]] = {}
     for r, queue in queues.items():
@@ -218,7 +219,7 @@ def _steps(
             s, kind, m = key
             dep = _dependency_key(s, kind, m, num_stages)
             delay = 0
-            if dep is not None and stage_rank(dep[0], K) != r:
+            if dep is not None and place[dep[0]] != r:
                 # NOTE: min(..., last_hop): only a malformed placement sends within one stage.
                 delay = hops[min(dep[0], s, last_hop)]
             dep_slot = -1 if dep is None else slots.setdefault(dep, len(slots))
@@ -229,12 +230,13 @@ def _steps(
 
 def _deadlock(queues: dict, pos: dict, K: int, V: int) -> ScheduleError:
     """Describe every rank that cannot make progress and what it waits for."""
+    place = placement_of(queues, K, V)
     stuck = []
     for r, queue in sorted(queues.items()):
         if pos[r] < len(queue):
             a = queue[pos[r]]
             dep = _dependency(a, K * V)
-            stuck.append(f"rank {r} action {a} waits for {dep} (rank {stage_rank(dep.stage, K)})")
+            stuck.append(f"rank {r} action {a} waits for {dep} (rank {place[dep.stage]})")
     return ScheduleError("deadlock in simulation: " + "; ".join(stuck))
 
 

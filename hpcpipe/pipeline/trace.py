@@ -32,6 +32,8 @@ def compute_timeline(events: list[dict]) -> list[Timed]:
 def send_arrows(events: list[dict], K: int) -> list[tuple[int, float, int, float]]:
     """One arrow per message: from the SEND on one rank to the compute that consumed it."""
     starts = {(e["rank"], e["action"]): e["start"] for e in events}
+    # where each stage ran (round robin or V shape): the rank of its compute events
+    owner = {a.stage: e["rank"] for e in events if (a := Action.parse(e["action"])).is_compute}
     arrows = []
     for e in events:
         a = Action.parse(e["action"])
@@ -40,11 +42,11 @@ def send_arrows(events: list[dict], K: int) -> list[tuple[int, float, int, float
         elif a.kind == Kind.SEND_B:  # consumed by a full backward or a split one's I
             consumer = Action(a.stage - 1, Kind.B, a.microbatch)
             split = Action(a.stage - 1, Kind.I, a.microbatch)
-            dst = consumer.stage % K
+            dst = owner.get(consumer.stage, consumer.stage % K)
             consumer = split if (dst, str(split)) in starts else consumer
         else:
             continue
-        dst = consumer.stage % K
+        dst = owner.get(consumer.stage, consumer.stage % K)
         if (dst, str(consumer)) in starts:
             arrows.append((e["rank"], e["start"], dst, starts[(dst, str(consumer))]))
     return arrows

@@ -25,7 +25,8 @@ from hpcpipe.pipeline.schedule import (
     Kind,
     ScheduleError,
     interleaved_round,
-    stage_rank,
+    named_placement,
+    stages_of,
 )
 from hpcpipe.pipeline.simulate import SimResult, simulate_stages
 from hpcpipe.plan.machines import element_size
@@ -296,8 +297,9 @@ def lower_bound(plan: PlanModel, machine, layout: Layout) -> float:
     batch = layout.microbatch_size(plan.global_batch)
     hop = machine.p2p(plan.boundary_bytes(batch), layout.tp * K <= machine.gpus_per_node)
     per_rank = [0.0] * K
+    place = named_placement(layout.schedule, K, layout.virtual)
     for s, (f, b, w) in enumerate(costs):
-        per_rank[stage_rank(s, K)] += M * (f + b + w)
+        per_rank[place[s]] += M * (f + b + w)
     speed = machine.speed
     solo = speed[min(layout.tp * layout.dp, len(speed)) - 1] if speed else 1.0
     # Without a split backward, a rank's last action is its first chunk's B of the last
@@ -321,7 +323,7 @@ def lower_bound(plan: PlanModel, machine, layout: Layout) -> float:
 def rank_numel(plan: PlanModel, layout: Layout, rank: int) -> float:
     """Parameters one GPU of pipeline rank `rank` holds (its chunks' share under tp)."""
     stages = plan.partition(layout.pp * layout.virtual)
-    chunks = range(rank, layout.pp * layout.virtual, layout.pp)
+    chunks = stages_of(named_placement(layout.schedule, layout.pp, layout.virtual), rank)
     return sum(plan.stage_params(stages[s]) for s in chunks) / layout.tp
 
 

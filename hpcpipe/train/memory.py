@@ -549,7 +549,7 @@ def predict_rank(
     mode = normalise_recompute(s.recompute)
     split = uses_split_backward(blueprint.schedule)
     b = blueprint
-    stages = range(pp_rank, b.num_stages, p.pp)
+    stages = b.stages_on(pp_rank)
     options = {"split_backward": split, "device": device, "prepare": prepare}
     per_stage = {
         stage: activation_bytes_per_microbatch(

@@ -30,11 +30,14 @@ from hpcpipe.pipeline.runtime import PipelineRuntime, StepResult
 from hpcpipe.pipeline.schedule import (
     FORWARD_SCHEDULES,
     SCHEDULES,
+    Placement,
     Schedule,
     ScheduleError,
     build_schedule,
     forward_only_schedule,
     load_csv_schedule,
+    placement_of,
+    stages_of,
     uses_split_backward,
 )
 from hpcpipe.pipeline.simulate import Costs
@@ -59,6 +62,17 @@ class Blueprint:
     schedule: Schedule
     num_stages: int
     microbatch_size: int
+
+    @property
+    def placement(self) -> Placement:
+        """Which pipeline rank holds each stage: where the schedule runs it (round robin, or
+        the V shape of zb-v and of torch's ZBV/DualPipeV dumps)."""
+        K = len(self.schedule)
+        return placement_of(self.schedule, K, self.num_stages // K)
+
+    def stages_on(self, pp_rank: int) -> list[int]:
+        """The global stages one pipeline rank holds."""
+        return stages_of(self.placement, pp_rank)
 
 
 def make_blueprint(config: Config, world_size: int, data: bool = True) -> Blueprint:
@@ -148,7 +162,7 @@ class PipelineTrainer:
         self.params = [p for _, p in named]
         self.tied = tied.build_groups(
             blueprint.spec.tie_groups(blueprint.model), self.stages,
-            blueprint.partition.stage_of_layer, grid,
+            blueprint.partition.stage_of_layer, grid, blueprint.placement,
         )  # fmt: skip
         self.canonical = tied.canonical_names(self.tied)  # tied copy -> the name it is stored as
         self.norm_ids = self._norm_ids(named)
@@ -175,6 +189,7 @@ class PipelineTrainer:
             actions=blueprint.schedule[self.pp_rank],
             num_stages=blueprint.num_stages,
             pp_size=config.parallel.pp,
+            placement=blueprint.placement,
             p2p=P2P(grid.pp_comm, timeout=config.parallel.timeout),
             activation_shape=blueprint.spec.boundary_shape(
                 blueprint.model, blueprint.microbatch_size
@@ -280,7 +295,7 @@ class PipelineTrainer:
     def _build_stages(self) -> dict:
         """The chunks this pipeline rank holds, built directly from the seed (no full model)."""
         b, stages = self.blueprint, {}
-        for s in range(self.pp_rank, b.num_stages, self.config.parallel.pp):
+        for s in b.stages_on(self.pp_rank):
             stage = build_stage(b.spec, b.model, b.partition.layers(s), self.config.train.seed)
             if self.tp.size > 1:
                 self.tp_specs.update(parallelize_stage(stage, b.spec, b.model, self.tp))
@@ -345,12 +360,14 @@ class PipelineTrainer:
         if self.eval_runtime is None:
             c, train = self.config, self.runtime
             M = c.schedule.microbatches * c.train.eval_batches
-            schedule = forward_only_schedule(c.parallel.pp, M, c.schedule.virtual)
+            place = self.blueprint.placement
+            schedule = forward_only_schedule(c.parallel.pp, M, c.schedule.virtual, place)
             self.eval_runtime = PipelineRuntime(
                 stages=self.stages,
                 actions=schedule[self.pp_rank],
                 num_stages=self.blueprint.num_stages,
                 pp_size=c.parallel.pp,
+                placement=place,
                 p2p=train.p2p,
                 activation_shape=train.activation_shape,
                 dtype=self.dtype,
