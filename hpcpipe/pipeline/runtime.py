@@ -87,7 +87,9 @@ class PipelineRuntime:
     placement: Sequence[int] | None = None
 
     def rank_of(self, stage: int) -> int:
-        """Pipeline rank that holds a global stage."""
+        """Pipeline rank that holds a global stage (a stage outside 0..num_stages-1 is a bug)."""
+        if not 0 <= stage < self.num_stages:  # placement[-1] would silently name a real rank
+            raise IndexError(f"stage {stage} is outside 0..{self.num_stages - 1}")
         return self.placement[stage] if self.placement is not None else stage % self.pp_size
 
     @property
@@ -282,6 +284,8 @@ class PipelineRuntime:
 
     def _drop_next_input_grad(self, stage: int, mb: int) -> None:
         """The local next stage's input gradient has been consumed."""
+        if self._is_last(stage):
+            return
         if self.rank_of(stage + 1) == self.rank_of(stage) and (stage + 1, mb) in self._state:
             self._state[(stage + 1, mb)].input_grad = None
 
