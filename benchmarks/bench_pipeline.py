@@ -35,13 +35,36 @@ MODELS = {
     "llama": {"arch": "llama", "n_layers": 8, "d_model": 256, "n_heads": 4, "n_kv_heads": 2,
               "seq_len": 128, "vocab_size": 256},
 }  # fmt: skip
-# NOTE: the launcher passes --model to its workers through the environment (mpiexec forwards it).
+# NOTE: the launcher passes --model and --workload to its workers through the environment
+# (mpiexec forwards it).
 MODEL_ENV = "HPCPIPE_BENCH_MODEL"
+WORKLOAD_ENV = "HPCPIPE_BENCH_WORKLOAD"
+# --workload comm (issue 14): wide activations and one block per stage, so each stage sends
+# d_model x seq_len floats per micro-batch for one block's work; n_layers is the pipeline's K,
+# passed as "comm:K" (serial runs hold all K blocks in one process).
+COMM_MODEL = {"n_layers": 2, "d_model": 1024, "n_heads": 8, "seq_len": 512, "vocab_size": 256}
+COMM_GLOBAL_BATCH = 8  # micro-batches of one sequence: 2 MiB per message in float32
+
+
+def workload() -> tuple[str, int]:
+    """("default" | "comm", K) from the environment the launcher set."""
+    name, _, k = os.environ.get(WORKLOAD_ENV, "default").partition(":")
+    return name, int(k or 0)
 
 
 def bench_model() -> dict:
-    """The [model] table of the family chosen with --model."""
+    """The [model] table of the family chosen with --model (or the comm workload's)."""
+    name, k = workload()
+    if name == "comm":
+        return {**COMM_MODEL, "n_layers": k}
     return MODELS[os.environ.get(MODEL_ENV, "gpt2")]
+
+
+def bench_train() -> dict:
+    """The [train] table: the comm workload's batch is smaller (its blocks are 16x wider)."""
+    if workload()[0] == "comm":
+        return {**TRAIN, "global_batch": COMM_GLOBAL_BATCH}
+    return TRAIN
 
 
 TRAIN = {"global_batch": 32, "steps": 100, "dtype": "float32", "threads": 1, "warmup_steps": 2}
@@ -50,12 +73,12 @@ TAG = "BENCH_JSON "
 CONTENDERS = ("hpcpipe", "torch", "serial", "serial-xK")
 # Issue 3's comparison: every hpcpipe schedule, every torch schedule, and the machine's ceiling.
 SCHEDULE_CONTENDERS = ("hpcpipe-gpipe", "hpcpipe", "hpcpipe-interleaved", "hpcpipe-zb-h1",
-                       "hpcpipe-zb-h2", "hpcpipe-zb-auto",
+                       "hpcpipe-zb-h2", "hpcpipe-zb-auto", "hpcpipe-zb-v",
                        "hpcpipe-interleaved-zb", "torch", "torch-interleaved", "torch-zb",
                        "torch-zbv", "serial", "serial-xK")  # fmt: skip
 HPCPIPE_SCHEDULES = {"hpcpipe": "1f1b", "hpcpipe-gpipe": "gpipe",
                      "hpcpipe-interleaved": "interleaved", "hpcpipe-zb-h1": "zb-h1",
-                     "hpcpipe-zb-h2": "zb-h2", "hpcpipe-zb-auto": "zb-auto",
+                     "hpcpipe-zb-h2": "zb-h2", "hpcpipe-zb-auto": "zb-auto", "hpcpipe-zb-v": "zb-v",
                      "hpcpipe-interleaved-zb": "interleaved-zb"}  # fmt: skip
 VIRTUAL = 2  # chunks per rank for the interleaved schedules
 
@@ -64,11 +87,11 @@ def bench_config(ranks: int, schedule: str = "1f1b"):
     """The benchmark model as an hpcpipe Config for `ranks` pipeline stages."""
     from hpcpipe.config import build_config
 
-    virtual = VIRTUAL if schedule.startswith("interleaved") else 1
+    virtual = VIRTUAL if schedule.startswith("interleaved") or schedule == "zb-v" else 1
     return build_config(
         {
             "model": bench_model(),
-            "train": TRAIN,
+            "train": bench_train(),
             "parallel": {"pp": ranks},
             # zb-auto with twice 1F1B's memory: the Zero Bubble paper's ZB-2p
             "schedule": {
@@ -82,7 +105,7 @@ def bench_config(ranks: int, schedule: str = "1f1b"):
 
 
 def tokens_per_step() -> int:
-    return TRAIN["global_batch"] * bench_model()["seq_len"]
+    return bench_train()["global_batch"] * bench_model()["seq_len"]
 
 
 # Untimed steps first: the first step infers shapes and fills the allocator, and the next still
@@ -540,9 +563,18 @@ def main() -> None:
         help="compare every hpcpipe schedule with every torch schedule (1F1B, interleaved 1F1B, "
     "interleaved zero-bubble, ZB-V) instead",
     )  # fmt: skip
+    parser.add_argument(
+        "--workload", choices=("default", "comm"), default="default",
+        help="comm: d_model 1024, seq 512, one block per stage, one sequence per micro-batch "
+        "(communication-heavy; 1F1B contenders only)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.model:
         os.environ[MODEL_ENV] = args.model
+    if args.workload == "comm" and not args.worker:
+        if args.schedules:
+            parser.error("--workload comm compares the 1F1B contenders: drop --schedules")
+        os.environ[WORKLOAD_ENV] = f"comm:{args.ranks}"
     if args.worker:
         result = WORKERS[args.worker](args)
         if result is not None:

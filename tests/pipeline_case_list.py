@@ -96,7 +96,8 @@ NEW_LAYOUTS = {2: [(1, 2, 1)], 4: [(1, 4, 1), (2, 2, 1), (1, 2, 2)], 8: [(2, 2, 
 
 
 def new_schedule_cases(world: int) -> list[dict]:
-    """ZB-H2, zb-auto and ZB-V (V = 2): pipelines at M = pp and 2 pp + 1, +/- recompute; dp and tp at M = 3."""
+    """ZB-H2, zb-auto and ZB-V (V = 2): pipelines at M = pp and 2 pp + 1, +/- recompute;
+    dp and tp at M = 3."""
     out = []
     for layout in NEW_LAYOUTS.get(world, []):
         pp = layout[1]

@@ -6,13 +6,9 @@ import re
 import pytest
 
 from hpcpipe.pipeline.schedule import (
-    compute_zb_v,
-    peak_microbatches,
-    V_SHAPE,
-    named_placement,
-    stages_of,
     SCHEDULES,
     SPLIT_BACKWARD,
+    V_SHAPE,
     Action,
     Kind,
     ScheduleError,
@@ -23,10 +19,14 @@ from hpcpipe.pipeline.schedule import (
     compute_interleaved,
     compute_interleaved_zb,
     compute_zb_h1,
+    compute_zb_v,
     from_csv,
     interleaved_round,
+    named_placement,
+    peak_microbatches,
     render_grid,
     stage_rank,
+    stages_of,
     to_csv,
     validate,
 )

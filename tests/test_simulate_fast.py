@@ -13,7 +13,6 @@ from hpcpipe.pipeline.schedule import (
     Kind,
     ScheduleError,
     build_schedule,
-    stage_rank,
 )
 from hpcpipe.pipeline.simulate import (
     Costs,
@@ -78,13 +77,15 @@ def _sweep_dependency(action, num_stages):
     return Action(s, Kind.B, m)
 
 
-def _sweep_ready_time(action, rank, ends, K, V, hop):
+def _sweep_ready_time(action, rank, ends, ran_on, K, V, hop):
+    """When the action's input is here: its dependency's end, plus a hop from another rank
+    (the rank that ran it: round robin or the V shape alike)."""
     dep = _sweep_dependency(action, K * V)
     if dep is None:
         return 0
     if dep not in ends:
         return None
-    return ends[dep] + (hop if stage_rank(dep.stage, K) != rank else 0)
+    return ends[dep] + (hop if ran_on[dep] != rank else 0)
 
 
 def run_sweep(schedule, K, V, costs):
@@ -108,18 +109,19 @@ def _run_sweep(schedule, K, V, costs):
     dur, hop = _sweep_durations(schedule, V, costs), costs.hop()
     queues = {r: [a for a in schedule.get(r, []) if a.is_compute] for r in range(K)}
     pos, free = dict.fromkeys(queues, 0), dict.fromkeys(queues, 0)
-    ends = {}
+    ends, ran_on = {}, {}
     timeline = []
     while any(pos[r] < len(q) for r, q in queues.items()):
         progressed = False
         for r, queue in queues.items():
             while pos[r] < len(queue):
                 a = queue[pos[r]]
-                ready = _sweep_ready_time(a, r, ends, K, V, hop)
+                ready = _sweep_ready_time(a, r, ends, ran_on, K, V, hop)
                 if ready is None:
                     break
                 start = max(free[r], ready)
                 free[r] = ends[a] = start + dur[a]
+                ran_on[a] = r
                 timeline.append(Timed(r, a, start, free[r]))
                 pos[r] += 1
                 progressed = True

@@ -1,12 +1,14 @@
 """ZB-H2 and zb-auto (Qi et al., 2023): split backwards placed to fill the pipeline's bubbles,
 checked on the simulator against closed forms and against every handcrafted schedule."""
 
+import functools
 import itertools
 import json
 import subprocess
 import sys
 
 import pytest
+from test_schedule import interleaved_valid
 
 from hpcpipe.pipeline.autoschedule import HANDCRAFTED, auto_schedule, held_limit, peak
 from hpcpipe.pipeline.greedy import list_schedule
@@ -143,3 +145,53 @@ def test_schedule_command_builds_zb_auto_for_given_costs_and_memory():
     assert max(out["1"]["peak_activations"]) <= 4 < max(out["2"]["peak_activations"]) <= 8
     assert out["2"]["step_time"] < out["1"]["step_time"]
     assert out["1"]["costs"] == [1, 2, 1, 0.2]
+
+
+# T_F, T_B, T_W, T_comm fitted from traced ZB-H1 runs on this machine (benchmarks/README.md)
+FITTED = Costs(70.1, 86.4, 62.1, 0.46)
+
+
+@functools.cache
+def built(name: str, K: int, M: int):
+    """(schedule, V, peak in whole stages' activations), built once for every cost."""
+    V = 2 if name in ("zb-v", "interleaved", "interleaved-zb") else 1
+    schedule = build_schedule(name, K, M, V)
+    return schedule, V, max(validate(schedule, K, M, V).peak_activations.values()) / V
+
+
+def v_and_round_robin(name: str, K: int, M: int, costs: Costs, measure="step_time"):
+    """(step time or bubble rate, peak in whole stages' activations) of a schedule."""
+    schedule, V, peak_stages = built(name, K, M)
+    return getattr(simulate(schedule, K, M, V, costs), measure), peak_stages
+
+
+V_GRID = list(itertools.product((1, 2, 3, 4, 6, 8), (1, 2, 3, 4, 5, 8, 9, 12, 16, 17, 32)))
+
+
+@pytest.mark.parametrize("costs", [*COST_GRID, FITTED], ids=str)
+def test_zb_v_is_never_slower_than_zb_h1_at_the_same_memory(costs):
+    """Both hold 1F1B's peak (K stages' activations). ZB-V crosses 2K - 1 boundaries to ZB-H1's
+    K - 1, so when messages take time it needs M >= 2K (its design point) to win: below that,
+    with T_comm > 0, it loses (e.g. every M <= K at T_comm = T_F / 5)."""
+    for K, M in V_GRID:
+        if costs.t_comm > 0 and M < 2 * K:
+            continue
+        v_time, v_peak = v_and_round_robin("zb-v", K, M, costs)
+        h1_time, h1_peak = v_and_round_robin("zb-h1", K, M, costs)
+        assert v_peak == h1_peak == min(K, M), (K, M)
+        assert v_time <= h1_time + 1e-9, (K, M)
+
+
+@pytest.mark.parametrize("K", range(2, 9))
+def test_zb_v_has_no_more_bubble_than_interleaved_zb_and_less_memory_at_unit_costs(K):
+    """The paper's setting (T_F = T_B = T_W, free messages, M >= 2K): ZB-V fills the pipeline
+    with 1F1B's memory, where torch's interleaved zero bubble holds more (and interleaved 1F1B
+    has a bubble left)."""
+    costs = Costs(1, 1, 1, 0)
+    for M in [m for m in range(2 * K, 33) if interleaved_valid(K, m)]:
+        v_bubble, v_peak = v_and_round_robin("zb-v", K, M, costs, "bubble_rate")
+        izb_bubble, izb_peak = v_and_round_robin("interleaved-zb", K, M, costs, "bubble_rate")
+        interleaved_bubble, _ = v_and_round_robin("interleaved", K, M, costs, "bubble_rate")
+        assert v_bubble == pytest.approx(0.0, abs=1e-12), M
+        assert v_bubble <= izb_bubble and v_peak < izb_peak, M
+        assert v_bubble < interleaved_bubble, M

@@ -30,7 +30,7 @@ from hpcpipe.pipeline.schedule import (
     Schedule,
     ScheduleError,
     build_schedule,
-    placement_of,
+    stage_owners,
 )
 
 
@@ -210,7 +210,7 @@ def _steps(
             if key[1] == _W:
                 with_w.add((key[0], key[2]))
     num_stages, last_hop = K * V, len(hops) - 1
-    place = placement_of(schedule, K, V)
+    place = _placement(schedule, K, V)
     new_step = tuple.__new__  # NOTE: _Step(...) goes through a Python-level __new__: 2x slower
     steps: dict[int, list[_Step]] = {}
     for r, queue in queues.items():
@@ -228,9 +228,19 @@ def _steps(
     return steps, len(slots)
 
 
+def _placement(schedule: Schedule, K: int, V: int) -> tuple[int, ...]:
+    """Where each stage runs, as the schedule says (round robin for a stage it never names).
+
+    NOTE: lenient, unlike schedule.placement_of: a hand-built timing case may run one stage on
+    several ranks (independent forwards that share the cores); validation is not its job.
+    """
+    owners = stage_owners(schedule)
+    return tuple(owners.get(s, s % K) for s in range(K * V))
+
+
 def _deadlock(queues: dict, pos: dict, K: int, V: int) -> ScheduleError:
     """Describe every rank that cannot make progress and what it waits for."""
-    place = placement_of(queues, K, V)
+    place = _placement(queues, K, V)
     stuck = []
     for r, queue in sorted(queues.items()):
         if pos[r] < len(queue):

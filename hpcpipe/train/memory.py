@@ -33,7 +33,14 @@ from torch import nn
 from hpcpipe.config import HALF
 from hpcpipe.config import TORCH_DTYPES as DTYPES
 from hpcpipe.models import api
-from hpcpipe.pipeline.schedule import Action, Kind, peak_microbatches, uses_split_backward
+from hpcpipe.pipeline.schedule import (
+    Action,
+    Kind,
+    peak_microbatches,
+    placement_of,
+    stages_of,
+    uses_split_backward,
+)
 
 FP32 = 4  # bytes of a float32
 # The measured record's keys, in the order a MAX-reduction vector carries them.
@@ -549,7 +556,8 @@ def predict_rank(
     mode = normalise_recompute(s.recompute)
     split = uses_split_backward(blueprint.schedule)
     b = blueprint
-    stages = b.stages_on(pp_rank)
+    K = len(b.schedule)  # the schedule says where each stage lives (round robin or V shape)
+    stages = stages_of(placement_of(b.schedule, K, b.num_stages // K), pp_rank)
     options = {"split_backward": split, "device": device, "prepare": prepare}
     per_stage = {
         stage: activation_bytes_per_microbatch(
