@@ -136,14 +136,15 @@ def recompute_mode(value: Any, key: str = "schedule.recompute") -> str:
 @dataclass(frozen=True)
 class ScheduleSection:
     name: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b, interleaved, zb-h1, zb-h2, interleaved-zb or zb-auto."""
+    """Pipeline schedule: gpipe, 1f1b, interleaved, zb-h1, zb-h2, interleaved-zb, zb-auto or
+    zb-v (V shape, virtual = 2)."""
     microbatches: int = 4
     """M: micro-batches per step on each dp replica (must divide its share of the batch)."""
     recompute: str = "false"
     """Activation recomputation: false keeps every activation, "full" (or true) recomputes each
     stage's forward in backward, "selective" only the attention cores (RECOMPUTE_MODES)."""
     virtual: int = 1
-    """V: model chunks per pipeline rank (interleaved schedules)."""
+    """V: model chunks per pipeline rank (interleaved schedules; zb-v takes 2)."""
     memory_limit: float = 1.0
     """zb-auto: micro-batches each rank may hold, as a multiple of 1F1B's peak (min(pp, M));
     2.0 is the Zero Bubble paper's ZB-2p."""
