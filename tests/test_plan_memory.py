@@ -21,7 +21,9 @@ from hpcpipe.pipeline.schedule import (
     SPLIT_BACKWARD,
     ScheduleError,
     build_schedule,
+    named_placement,
     peak_microbatches,
+    stages_of,
 )
 from hpcpipe.plan import memory as plan
 from hpcpipe.train import memory
@@ -114,10 +116,15 @@ def _microbatch_grid(name, K, V):
 
 SCHEDULE_SHAPES = [
     (name, K, V)
-    for name in ("gpipe", "1f1b", "zb-h1", "interleaved", "interleaved-zb")
+    for name in ("gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved", "interleaved-zb", "zb-v")
     for K in (1, 2, 3, 4)
-    for V in ((1,) if name in ("1f1b", "zb-h1") else (1, 2, 3))
+    for V in ((1,) if name in ("1f1b", "zb-h1", "zb-h2") else (2,) if name == "zb-v" else (1, 2, 3))
 ]
+
+
+def own_stages(name, K, V, rank):
+    """The rank's stages in chunk order: round robin, or the V shape's r and 2K - 1 - r."""
+    return stages_of(named_placement(name, K, V), rank)
 
 
 @pytest.mark.parametrize(("name", "K", "V"), SCHEDULE_SHAPES)
@@ -133,7 +140,7 @@ def test_schedule_peaks_equal_the_walk_of_the_built_schedule(name, K, V):
                 assert got.peak_microbatches == peak_microbatches(actions)
                 for _ in range(3):  # unequal chunks, every part its own size
                     chunks = [_random_stage_bytes(rng, split) for _ in range(V)]
-                    by_stage = {rank + c * K: sb for c, sb in enumerate(chunks)}
+                    by_stage = dict(zip(own_stages(name, K, V, rank), chunks, strict=True))
                     want = memory.peak_activation_bytes(actions, by_stage, split, mode)
                     assert got.activation_bytes(chunks) == want, (M, mode, rank)
 

@@ -47,6 +47,8 @@ from hpcpipe.pipeline.schedule import (
     Kind,
     ScheduleError,
     interleaved_round,
+    named_placement,
+    stages_of,
 )
 from hpcpipe.train.memory import StageBytes, activation_bytes_per_microbatch, predict_static
 
@@ -471,7 +473,8 @@ def schedule_peaks(name: str, K: int, M: int, V: int = 1, full: bool = False) ->
         return _gpipe_peaks(K, M, V, full)
     split = name in SPLIT_BACKWARD
     walked = _compute_actions(name, K, _walked_microbatches(name, K, M, V), V)
-    return tuple(_walk(walked[rank], rank, K, V, split, full) for rank in range(K))
+    place = named_placement(name, K, V)
+    return tuple(_walk(walked[rank], rank, K, V, split, full, place) for rank in range(K))
 
 
 def _gpipe_peaks(K: int, M: int, V: int, full: bool) -> tuple:
@@ -502,14 +505,47 @@ def _extrapolated(at_2: int, at_3: int, M: int) -> int:
     return at_3 + (M - 3) * (at_3 - at_2)
 
 
-def _walk(actions: Sequence[Action], rank: int, K: int, V: int, split: bool, full: bool):
-    """RankPeaks of one rank's actions (their compute ones; lowering's receives implied)."""
+def _walk(
+    actions: Sequence[Action], rank: int, K: int, V: int, split: bool, full: bool, place=None
+):
+    """RankPeaks of one rank's actions (their compute ones; lowering's receives implied).
+
+    place: the schedule's placement (None: round robin). Stage s's chunk on its rank is s // K
+    in both placements (the V shape's rank r holds r and 2K - 1 - r).
+    """
     compute = [a for a in actions if a.is_compute]
-    if K == 1:  # consecutive stages on one rank share a buffer: walk item by item
-        return RankPeaks(
-            _shared_edge_moments(compute, V, split, full), 0, _most_held(compute, split)
-        )
+    mine = stages_of(place, rank) if place is not None else [rank + c * K for c in range(V)]
+    if K == 1 or _has_neighbours(mine):  # a shared edge buffer: walk item by item
+        moments = _shared_edge_moments(compute, K, V, split, full)
+        buffers = _remote_receive_peak(compute, set(mine), K * V, split)
+        return RankPeaks(moments, buffers, _most_held(compute, split))
     return _walk_by_counts(compute, rank, K, V, split, full)
+
+
+def _has_neighbours(stages: Sequence[int]) -> bool:
+    """Whether two consecutive stages live on this rank (the V shape's turn)."""
+    held = set(stages)
+    return any(s + 1 in held for s in held)
+
+
+def _remote_receive_peak(compute, mine: set[int], num_stages: int, split: bool) -> int:
+    """_receive_peak where some neighbours are local (they send nothing): lowering posts the
+    receive of compute action i just before action i - 1 and the micro-batch gives its
+    receives back when it is done here (B, or W under a split backward)."""
+    done = Kind.W if split else Kind.B
+    posted = returned = peak = 0
+    given_back = []
+    for i, a in enumerate(compute):
+        before = a.kind == Kind.F and a.stage > 0 and a.stage - 1 not in mine
+        after = a.kind in (Kind.B, Kind.I) and a.stage < num_stages - 1 and a.stage + 1 not in mine
+        posted += before or after
+        returned += given_back[i - 2] if i >= 2 else 0  # actions 0 .. i-2 have run
+        peak = max(peak, posted - returned)
+        remote = (a.stage > 0 and a.stage - 1 not in mine) + (
+            a.stage < num_stages - 1 and a.stage + 1 not in mine
+        )
+        given_back.append(remote if a.kind == done else 0)
+    return peak
 
 
 def _walk_by_counts(compute, rank: int, K: int, V: int, split: bool, full: bool) -> RankPeaks:
@@ -587,7 +623,7 @@ def _most_held(compute: Sequence[Action], split: bool) -> int:
     return int(max(0, np.cumsum(steps).max(initial=0)))
 
 
-def _shared_edge_moments(compute, V: int, split: bool, full: bool) -> np.ndarray:
+def _shared_edge_moments(compute, K: int, V: int, split: bool, full: bool) -> np.ndarray:
     """peak_activation_bytes' walk on one rank holding every stage (K = 1), on counts.
 
     A stage's output and the next stage's input are one buffer, counted under whoever
@@ -614,7 +650,7 @@ def _shared_edge_moments(compute, V: int, split: bool, full: bool) -> np.ndarray
                 counts[entry[1]] -= 1
 
     for a in compute:
-        s, m, base = a.stage, a.microbatch, PARTS * a.stage
+        s, m, base = a.stage, a.microbatch, PARTS * (a.stage // K)
         edge_in, edge_out = ("edge", s, m), ("edge", s + 1, m)
         if a.kind == Kind.F:
             acquire(edge_in, base + INPUT)
@@ -713,7 +749,7 @@ def layout_memory(
     trace = {"dtype": dtype, "recompute": mode, "split_backward": split, "tp": tp, "device": device}
     ranks = []
     for rank in range(pp):
-        own = [stages[chunk * pp + rank] for chunk in range(virtual)]
+        own = [stages[s] for s in stages_of(named_placement(schedule_name, pp, virtual), rank)]
         chunk_bytes = [
             stage_activation_bytes(spec, model_config, layers, microbatch_size, **trace)
             for layers in own

@@ -27,8 +27,9 @@ from hpcpipe.plan.memory import layout_memory
 from hpcpipe.plan.timemodel import Layout, PlanModel, check_schedule, lower_bound, predict
 from hpcpipe.train.memory import predict_static
 
-PIPELINE_SCHEDULES = ("gpipe", "1f1b", "zb-h1")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "zb-h1", "zb-h2")
 INTERLEAVED_SCHEDULES = ("interleaved", "interleaved-zb")
+V_SHAPE_SCHEDULES = ("zb-v",)  # two chunks per rank, r and 2K - 1 - r
 RECOMPUTE = ("false", "selective", "full")
 USABLE_MEMORY = 0.9  # of a GPU's memory: CUDA context, NCCL buffers, allocator fragmentation
 
@@ -112,6 +113,9 @@ def _schedules(pp: int, num_layers: int, max_virtual: int):
     for name in INTERLEAVED_SCHEDULES:
         for v in range(2, max_virtual + 1):
             yield name, v
+    if max_virtual >= 2:
+        for name in V_SHAPE_SCHEDULES:
+            yield name, 2
 
 
 def enumerate_layouts(plan, gpus, gpus_per_node, fixed, rejected, max_virtual=4):

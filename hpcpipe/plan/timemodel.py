@@ -22,6 +22,7 @@ from hpcpipe.pipeline.partition import partition_layers
 from hpcpipe.pipeline.schedule import (
     SCHEDULES,
     SPLIT_BACKWARD,
+    V_SHAPE,
     Kind,
     ScheduleError,
     interleaved_round,
@@ -119,6 +120,9 @@ def check_schedule(name: str, K: int, M: int, V: int) -> None:
     """Raise the ScheduleError the builder would, without building (the sizes it refuses)."""
     if name.startswith("interleaved"):
         interleaved_round(K, M)
+    elif name in V_SHAPE:
+        if V != 2:
+            raise ScheduleError(f"{name} needs V=2 (two chunks per rank, the V shape), got V={V}")
     elif V != 1:
         raise ScheduleError(f"{name} supports only V=1 (one chunk per rank), got V={V}")
 
