@@ -47,6 +47,7 @@ from hpcpipe.pipeline.schedule import (
     Kind,
     ScheduleError,
     interleaved_round,
+    loop_placement,
     named_placement,
     stages_of,
 )
@@ -514,7 +515,7 @@ def _walk(
     in both placements (the V shape's rank r holds r and 2K - 1 - r).
     """
     compute = [a for a in actions if a.is_compute]
-    mine = stages_of(place, rank) if place is not None else [rank + c * K for c in range(V)]
+    mine = stages_of(place or loop_placement(K, V), rank)
     if K == 1 or _has_neighbours(mine):  # a shared edge buffer: walk item by item
         moments = _shared_edge_moments(compute, K, V, split, full)
         buffers = _remote_receive_peak(compute, set(mine), K * V, split)
@@ -536,15 +537,12 @@ def _remote_receive_peak(compute, mine: set[int], num_stages: int, split: bool) 
     posted = returned = peak = 0
     given_back = []
     for i, a in enumerate(compute):
-        before = a.kind == Kind.F and a.stage > 0 and a.stage - 1 not in mine
-        after = a.kind in (Kind.B, Kind.I) and a.stage < num_stages - 1 and a.stage + 1 not in mine
-        posted += before or after
+        remote_before = a.stage > 0 and a.stage - 1 not in mine
+        remote_after = a.stage < num_stages - 1 and a.stage + 1 not in mine
+        posted += remote_before if a.kind == Kind.F else remote_after and a.kind != Kind.W
         returned += given_back[i - 2] if i >= 2 else 0  # actions 0 .. i-2 have run
         peak = max(peak, posted - returned)
-        remote = (a.stage > 0 and a.stage - 1 not in mine) + (
-            a.stage < num_stages - 1 and a.stage + 1 not in mine
-        )
-        given_back.append(remote if a.kind == done else 0)
+        given_back.append(remote_before + remote_after if a.kind == done else 0)
     return peak
 
 
@@ -624,7 +622,8 @@ def _most_held(compute: Sequence[Action], split: bool) -> int:
 
 
 def _shared_edge_moments(compute, K: int, V: int, split: bool, full: bool) -> np.ndarray:
-    """peak_activation_bytes' walk on one rank holding every stage (K = 1), on counts.
+    """peak_activation_bytes' walk on one rank holding neighbouring stages (K = 1, or the
+    V shape's turn), on counts; stage s counts in its chunk's columns, s // K.
 
     A stage's output and the next stage's input are one buffer, counted under whoever
     acquired it first (as the output, unless full recomputation left the output out).
