@@ -112,9 +112,32 @@ def new_schedule_cases(world: int) -> list[dict]:
     return out
 
 
+# PipeDream-2BW: no flush, staleness 1; equal to its own oracle (SerialTrainer's W(t-1) runs).
+TWO_BW_LAYOUTS = {1: [(1, 1, 1)], 2: [(1, 2, 1), (2, 1, 1)], 4: [(1, 4, 1), (2, 2, 1), (1, 2, 2)],
+                  8: [(2, 2, 2)]}  # fmt: skip
+
+
+def two_bw_cases(world: int) -> list[dict]:
+    """2bw: pipelines at M = pp - 1 (its least), pp and 2 pp + 1, +/- full recompute; dp, tp
+    and ZeRO at M = 3; untied at 2 ranks."""
+    out = []
+    for layout in TWO_BW_LAYOUTS.get(world, []):
+        pp = layout[1]
+        pure = layout == (1, world, 1)
+        for M in sorted({max(1, pp - 1), pp, 2 * pp + 1}) if pure else (3,):
+            for recompute in (False, True) if pure else (False,):
+                out.append(case("2bw", 1, M, recompute, layout))
+        if layout[0] > 1:
+            out.append(case("2bw", 1, 3, False, layout, zero=1))
+    if world == 2:
+        out.append(case("2bw", 1, 2, "selective", (1, 2, 1), tie=False))
+        out.append(case("2bw", 1, 3, False, (1, 2, 1), tie=False, arch="llama"))
+    return out
+
+
 def cases(world: int) -> list[dict]:
     return (pipeline_cases(world) + layout_cases(world) + llama_cases(world) + zero_cases(world)
-            + new_schedule_cases(world))  # fmt: skip
+            + new_schedule_cases(world) + two_bw_cases(world))  # fmt: skip
 
 
 def case_id(c: dict) -> str:

@@ -63,6 +63,8 @@ def test_activation_memory_bound(results, world, case):
         assert max(peaks) == min(2 * K - 1, M) and peaks[0] == max(peaks)
     elif case["schedule"] == "zb-auto":  # schedule.memory_limit = 1: 1F1B's peak at most
         assert max(peaks) <= min(K, M)
+    elif case["schedule"] == "2bw":  # 1F1B's w_r + 1: the next batch's forwards included
+        assert peaks == [K - rank for rank in range(K)]
     elif case["schedule"] == "zb-v":  # chunks of half a stage: 2K of them, 1F1B's peak
         assert max(peaks) <= 2 * min(K, M)
     else:  # interleaved: counted in chunks; Megatron's warm-up bound

@@ -85,6 +85,12 @@ class PipelineRuntime:
     forward_only: bool = False
     # the schedule's placement_of (None: round robin); the V shape puts stage 2K-1-r on rank r
     placement: Sequence[int] | None = None
+    # 2BW (hpcpipe.pipeline.twobw): the modules (the other weight version) that run the next
+    # batch's forwards, micro-batches >= M of a step; see step(lookahead=...)
+    next_stages: dict[int, nn.Module] | None = None
+
+    def __post_init__(self):
+        self.carried: dict[tuple[int, int], _MicroState] = {}  # 2BW: into the next step
 
     def rank_of(self, stage: int) -> int:
         """Pipeline rank that holds a global stage (a stage outside 0..num_stages-1 is a bug)."""
@@ -105,19 +111,30 @@ class PipelineRuntime:
             "'selective' (normalise config values with hpcpipe.config.recompute_mode)"
         )
 
-    def step(self, microbatches: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]):
-        """Run every action once for these (inputs, targets) micro-batches; gradients accumulate."""
-        self._micro = microbatches
-        self._state: dict[tuple[int, int], _MicroState] = {}
-        self._held = self._peak = 0
-        self._busy = 0.0
+    def step(
+        self,
+        microbatches: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
+        lookahead: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+    ):
+        """Run every action once for these (inputs, targets) micro-batches; gradients accumulate.
+
+        lookahead (2BW): the next batch's micro-batches. Actions on micro-batch M + j run its
+        j-th one on next_stages, and whatever they leave (forward state, posted receives) is
+        carried into the next step as micro-batch j. Without it nothing outlives the step.
+        """
+        self._micro = [*microbatches, *(lookahead or ())]
         self._m = len(microbatches)
+        self._state = self.carried  # the previous step's early forwards, renumbered
+        self.carried = {}
+        self._held = self._peak = sum(st.inputs is not None for st in self._state.values())
+        self._busy = 0.0
         self._loss = torch.zeros((), dtype=torch.float64)
         meter = self.memory_meter
         if meter is not None:  # parameters, buffers and the token batch are no activations
-            meter.ignore(t for stage in self.stages.values() for t in stage.parameters())
-            meter.ignore(t for stage in self.stages.values() for t in stage.buffers())
-            meter.ignore(t for pair in microbatches for t in pair)
+            modules = [*self.stages.values(), *(self.next_stages or {}).values()]
+            meter.ignore(t for stage in modules for t in stage.parameters())
+            meter.ignore(t for stage in modules for t in stage.buffers())
+            meter.ignore(t for pair in self._micro for t in pair)
             meter.reset()
         waited_before = self.p2p.wait_seconds if self.p2p else 0.0
         for index, action in enumerate(self.actions):
@@ -131,6 +148,9 @@ class PipelineRuntime:
                 raise ActionError(self._describe_failure(index, action, exc)) from exc
         if self.p2p:
             self.p2p.flush()
+        if lookahead is not None:
+            M = self._m
+            self.carried = {(s, m - M): st for (s, m), st in self._state.items() if m >= M}
         waited = (self.p2p.wait_seconds if self.p2p else 0.0) - waited_before
         self.step_index += 1
         peak_bytes = meter.peak if meter is not None else 0
@@ -166,8 +186,9 @@ class PipelineRuntime:
     def _stage_forward(self, stage: int, mb: int, inputs: torch.Tensor) -> torch.Tensor:
         """Module forward, plus the scaled loss on the last stage (counted by memory_meter)."""
         meter = self.memory_meter
+        modules = self.next_stages if mb >= self._m and self.next_stages else self.stages
         with meter if meter is not None else contextlib.nullcontext():
-            out = self.stages[stage](inputs)
+            out = modules[stage](inputs)
             if self._is_last(stage):
                 target = self._micro[mb][1].to(self.device)
                 out = self.loss_fn(out, target) / self._m

@@ -403,6 +403,12 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "zb-v": compute_zb_v,
     "zb-auto": compute_zb_auto,
 }
+# Asynchronous schedules: no flush, a step also runs the next batch's first forwards and
+# the weights keep two versions (hpcpipe.pipeline.twobw). Not in SCHEDULES: a step of theirs
+# is no complete schedule of M micro-batches, so what holds for every flushing one does not.
+ASYNC_SCHEDULES = ("2bw",)
+# Every valid schedule.name for training.
+TRAINING_SCHEDULES = (*SCHEDULES, *ASYNC_SCHEDULES)
 # Schedules whose backward is split into I (input gradient) and W (weight gradient).
 SPLIT_BACKWARD = frozenset({"zb-h1", "zb-h2", "interleaved-zb", "zb-v", "zb-auto"})
 
@@ -483,13 +489,18 @@ def build_schedule(
 ) -> Schedule:
     """Generate a named schedule, lower it with comm actions, and validate it.
 
-    name is a training schedule (SCHEDULES) or "forward-only" (FORWARD_SCHEDULES: evaluation).
+    name is a training schedule (SCHEDULES), "forward-only" (FORWARD_SCHEDULES: evaluation)
+    or "2bw" (ASYNC_SCHEDULES: its steady step, whose forwards >= M are the next batch's).
     zb-auto reads costs (a simulate.Costs; default T_F = T_B = T_W, no comm) and memory_limit
     (micro-batches held per rank as a multiple of 1F1B's peak); the others ignore both.
     """
+    if name in ASYNC_SCHEDULES:
+        from hpcpipe.pipeline import twobw  # NOTE: it imports this module
+
+        return twobw.build(K, M, V)
     generate = SCHEDULES.get(name) or FORWARD_SCHEDULES.get(name)
     if generate is None:
-        valid = ", ".join([*SCHEDULES, *FORWARD_SCHEDULES])
+        valid = ", ".join([*TRAINING_SCHEDULES, *FORWARD_SCHEDULES])
         raise ScheduleError(f"unknown schedule {name!r}; valid names: {valid}")
     _check_sizes(K, M, V)
     if name == "zb-auto" and (costs is not None or memory_limit != 1.0):

@@ -29,6 +29,11 @@ class SerialTrainer:
         master = torch.float32 if dtype in HALF else dtype
         self.model = build_model(self.spec, config.model, config.train.seed).to(dtype=master)
         self.compute = copy.deepcopy(self.model).to(dtype=dtype) if master != dtype else self.model
+        # PipeDream-2BW: forward and backward of step t run on the weights before the last
+        # update, W(t-1) (W(-1) = W(0)); the update still applies to W(t).
+        self.stale = config.schedule.name == "2bw"
+        if self.stale:
+            self.compute = copy.deepcopy(self.compute)
         self.optimizer = optim.make_adamw(self.model.named_parameters(), config.train)
         if tokens is None:
             tokens = data.load_tokens(config.data.path or None, max_bytes=config.data.max_bytes)
@@ -58,22 +63,27 @@ class SerialTrainer:
             self.validation = evaluation.validation_set(self.config, self.tokens)
         batches = evaluation.microbatches(self.validation, self.config, dp_rank=0, dp=1)
         total = torch.zeros((), dtype=torch.float64)
-        self.compute.train(False)
+        model = self.compute
+        if self.stale:  # the newest weights are evaluated, not the stale ones being trained
+            model = copy.deepcopy(self.model).to(dtype=next(self.compute.parameters()).dtype)
+        model.train(False)
         try:
             with torch.no_grad():
                 for x, y in batches:
-                    total += self.spec.loss(self.compute(x), y).double()
+                    total += self.spec.loss(model(x), y).double()
         finally:
-            self.compute.train(True)
+            model.train(True)
         return float(total / len(batches))
 
     def _accumulate_in_master(self) -> None:
-        """16-bit: add this micro-batch's gradients into the float32 masters' (fp32 sums)."""
+        """Add this micro-batch's gradients into the model's (16-bit: into the float32
+        masters, in float32; 2BW: from the stale copy)."""
         if self.compute is self.model:
             return
         for p, q in zip(self.model.parameters(), self.compute.parameters(), strict=True):
             if q.grad is not None:
-                p.grad = q.grad.float() if p.grad is None else p.grad.add_(q.grad)
+                grad = q.grad.to(p.dtype)
+                p.grad = grad.clone() if p.grad is None else p.grad.add_(grad)
                 q.grad = None
 
     def finish_step(self) -> float:
@@ -82,9 +92,14 @@ class SerialTrainer:
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         optim.set_lr(self.optimizer, optim.lr_at(self.step_index, t))
+        before = [p.detach().clone() for p in self.model.parameters()] if self.stale else None
         self.optimizer.step()
         self.step_index += 1
-        if self.compute is not self.model:
+        if self.stale:  # the next step computes on the weights this update started from
+            with torch.no_grad():
+                for value, q in zip(before, self.compute.parameters(), strict=True):
+                    q.copy_(value)
+        elif self.compute is not self.model:
             with torch.no_grad():
                 for p, q in zip(self.model.parameters(), self.compute.parameters(), strict=True):
                     q.copy_(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -25,11 +26,13 @@ from hpcpipe.parallel.data_parallel import GradReducer
 from hpcpipe.parallel.grid import Grid
 from hpcpipe.parallel.p2p import P2P, allreduce_
 from hpcpipe.parallel.tensor_parallel import TPContext, parallelize_stage, require_plan
+from hpcpipe.pipeline import twobw
 from hpcpipe.pipeline.partition import Partition, PartitionError, partition_layers
 from hpcpipe.pipeline.runtime import PipelineRuntime, StepResult
 from hpcpipe.pipeline.schedule import (
+    ASYNC_SCHEDULES,
     FORWARD_SCHEDULES,
-    SCHEDULES,
+    TRAINING_SCHEDULES,
     Placement,
     Schedule,
     ScheduleError,
@@ -93,7 +96,8 @@ def make_blueprint(config: Config, world_size: int, data: bool = True) -> Bluepr
         if s.name in FORWARD_SCHEDULES:
             raise ConfigError(
                 f"schedule.name={s.name!r} has no backward: it is what evaluation runs "
-                f"(train.eval_every, hpcpipe eval); train with one of {', '.join(SCHEDULES)}"
+                "(train.eval_every, hpcpipe eval); train with one of "
+                + ", ".join(TRAINING_SCHEDULES)
             )
         if s.csv:
             schedule = load_csv_schedule(s.csv, p.pp, s.microbatches, s.virtual)
@@ -177,6 +181,10 @@ class PipelineTrainer:
         self.optimizer = self.master.optimizer
         for stage in self.stages.values():
             stage.to(dtype=self.dtype)  # floating buffers, if a family has any
+        # 2BW: the two weight versions the runtime runs (batch t on versions[t % 2], which
+        # holds W(t-1)); self.stages are then the masters' home the optimizer updates.
+        self.versions = self._build_versions() if self.asynchronous else None
+        self._in_flight = False  # 2BW: the last step left the next batch's forwards running
         if self.weight_store is not None:
             self.weight_store.on_accumulate = self.reducer.grad_ready
             self.reducer.defer(deferred_parameters(self.stages))
@@ -208,6 +216,22 @@ class PipelineTrainer:
         self.eval_runtime: PipelineRuntime | None = None  # built by the first evaluate()
         self.validation: evaluation.ValidationSet | None = None
         self.last_eval: StepResult | None = None  # what the last evaluation measured
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the schedule has no flush (2BW): two weight versions, staleness 1."""
+        return self.config.schedule.name in ASYNC_SCHEDULES and not self.config.schedule.csv
+
+    def _build_versions(self) -> list[dict]:
+        """Two more copies of this rank's stages (W(-1) = W(0): both start as the masters)."""
+        versions = []
+        for _ in range(2):
+            stages = self._build_stages()
+            for stage in stages.values():
+                stage.to(dtype=self.dtype)
+            copy_weights(self.stages, stages)
+            versions.append(stages)
+        return versions
 
     def use_schedule(self, schedule: Schedule) -> None:
         """Run `schedule` from the next step on (zb-auto rebuilt for measured costs). Its
@@ -249,8 +273,9 @@ class PipelineTrainer:
         """The tensors this rank holds between steps, by kind (memory accounting)."""
         buckets = self.reducer.buckets
         shards = [b.grad_shard for b in buckets if b.grad_shard.data_ptr() != b.grad.data_ptr()]
+        versions = [p for v in self.versions or () for _, p in unique_named_parameters(v)]
         return {
-            "params": [b.param for b in buckets],
+            "params": [b.param for b in buckets] + versions,
             "grads": [b.grad for b in buckets] + shards,
             "optimizer": self.master.tensors(),
             "comm": self.runtime.p2p.buffers(),
@@ -317,12 +342,14 @@ class PipelineTrainer:
             tokens = data.load_tokens(d.path or None, max_bytes=d.max_bytes)
         return evaluation.training_sampler(self.config, tokens), tokens
 
-    def next_microbatches(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """This step's micro-batches; ranks in the middle of the pipe get placeholders."""
+    def next_microbatches(self, peek: bool = False):
+        """This step's micro-batches, a list of (inputs, targets); ranks in the middle of the
+        pipe get placeholders. peek: the batch after, the sampler left where it is (2BW)."""
         M = self.config.schedule.microbatches
         if self.sampler is None:
             return [(None, None)] * M
-        starts = self.sampler.next_starts()
+        sampler = copy.deepcopy(self.sampler) if peek else self.sampler
+        starts = sampler.next_starts()
         share = len(starts) // self.config.parallel.dp  # this replica's slice of the batch
         starts = starts[self.grid.dp_rank * share : (self.grid.dp_rank + 1) * share]
         inputs, targets = data.make_batch(self.tokens, starts, self.config.model.seq_len)
@@ -395,7 +422,10 @@ class PipelineTrainer:
         self.reducer.start_step()
         self.memory.begin_step(self._static_tensors_for_memory())
         self._multiplier = self.loss_multiplier()
-        result = self.runtime.step(self.next_microbatches())
+        if self.versions is None:
+            result = self.runtime.step(self.next_microbatches())
+        else:
+            result = self._asynchronous_step()
         # Tied copies are summed before the dp reduction (a sum either way; under ZeRO the
         # copies' shards would not line up afterwards); that releases their buckets.
         timeout = self.config.parallel.timeout
@@ -407,6 +437,27 @@ class PipelineTrainer:
                     self.reducer.grad_ready(p)
         result.wait_seconds += self.reducer.finish()
         self.memory.after_backward(self._static_tensors_for_memory())
+        return result
+
+    def _asynchronous_step(self) -> StepResult:
+        """2BW: batch t on versions[t % 2] (W(t-1)), the next batch's first forwards on the
+        other (W(t)); the gradients then go into the masters' buckets."""
+        t = self.step_index
+        current, upcoming = self.versions[t % 2], self.versions[(t + 1) % 2]
+        steady = self.blueprint.schedule[self.pp_rank]
+        K, M = self.config.parallel.pp, self.config.schedule.microbatches
+        first = [] if self._in_flight else twobw.warmup(K, M)[self.pp_rank]
+        runtime = self.runtime
+        runtime.stages, runtime.next_stages, runtime.actions = current, upcoming, first + steady
+        batch = self.next_microbatches()
+        result = runtime.step(batch, lookahead=self.next_microbatches(peek=True))
+        self._in_flight = True
+        versions = dict(unique_named_parameters(current))
+        for name, param in unique_named_parameters(self.stages):
+            version = versions[name]
+            if version.grad is not None:
+                self.reducer.grad(param).add_(version.grad)
+                version.grad = None
         return result
 
     def finish_step(self, result: StepResult) -> dict:
@@ -423,6 +474,8 @@ class PipelineTrainer:
         waited = allreduce_(self.grid.cart, totals, timeout=self.config.parallel.timeout)
         lr = optim.lr_at(self.step_index, t)
         outcome = self.master.step(float(totals[0]), t.grad_clip, lr)
+        if self.versions is not None:  # W(t+1) goes where batch t ran: batch t+2 runs on it
+            copy_weights(self.stages, self.versions[self.step_index % 2])
         self.step_index += 1
         record = {"loss": float(totals[1]), "grad_norm": outcome["grad_norm"], "lr": lr,
                   "reduce_wait": waited, "skipped": outcome["skipped"]}  # fmt: skip
@@ -480,6 +533,16 @@ def launch_rank() -> int:
     from mpi4py import MPI
 
     return MPI.COMM_WORLD.Get_rank()
+
+
+def copy_weights(source: dict, target: dict) -> None:
+    """Every parameter (and floating buffer) of `source`'s stages into `target`'s (equal
+    structure: built alike)."""
+    with torch.no_grad():
+        for s, stage in source.items():
+            pairs = zip(stage.state_dict().values(), target[s].state_dict().values(), strict=True)
+            for src, dst in pairs:
+                dst.copy_(src)
 
 
 def deferred_parameters(stages: dict) -> list[torch.nn.Parameter]:
