@@ -54,3 +54,15 @@ def test_bf16_checkpoint_holds_fp32_masters_and_resumes_bitwise(results, zero):
     assert r["saved_dtypes"] == ["float32"]  # ...but no 16-bit tensor is saved
     assert r["resumed"] == r["reference"]
     assert r["bitwise_params"]
+
+
+def test_2bw_resumes_exactly_because_the_in_flight_version_is_saved(results):
+    """2BW (staleness 1): legs on pp 4, dp 2 + ZeRO, tp 2 and one rank, each resuming the last
+    one's checkpoint, equal one uninterrupted run; the same layout continues bitwise; without
+    the saved W(t-1) the resumed losses differ."""
+    r = results["two-bw"]
+    assert len(r["resumed"]) == len(r["reference"]) == 8
+    for got, want in zip(r["resumed"], r["reference"], strict=True):
+        assert abs(got - want) <= 1e-10 * abs(want)
+    assert r["again"] == r["tail"] and r["bitwise_params"]
+    assert r["dropped"][0] != r["tail"][0]

@@ -299,6 +299,7 @@ def load_into(trainer, path: str | Path) -> int:
     load_weights(full, trainer.canonical, trainer.tp_specs, trainer.config.model, path)
     values = {id(p): t for (_, p), (_, t) in zip(trainer.named_params, full, strict=True)}
     trainer.master.load_values(values)
+    trainer.sync_versions()  # 2BW: W(-1) = W(0) = the loaded weights
     return len(expected_tensors(trainer.config.model))
 
 

@@ -5,6 +5,10 @@ Master weights and AdamW moments are saved under the parameter's global name (mo
 holds; under ZeRO each dp rank writes the flat range it owns, as boxes of the global tensor.
 A 16-bit run saves its float32 masters (the 16-bit parameters are derived from them). A tied
 copy is never saved: it is its group's first member, and it loads from there.
+
+PipeDream-2BW (schedule.name = "2bw") also saves the weight version the next batch runs on,
+W(t-1) beside the masters' W(t), under `stale/` + the name, in the parameters' dtype: a resume
+recomputes that batch's first forwards on it, so it continues exactly.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import torch
 from hpcpipe import config as cfg
 from hpcpipe import tokenizer
 from hpcpipe.checkpoint.format import Shard
-from hpcpipe.checkpoint.store import load_checkpoint, save_checkpoint
+from hpcpipe.checkpoint.manifest import read_manifest
+from hpcpipe.checkpoint.store import load_checkpoint, resolve, save_checkpoint
 from hpcpipe.parallel.tensor_parallel import shard_placement
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+STALE = "stale/"  # 2BW: the in-flight weight version, W(t-1)
 
 
 def canonical_name(trainer, name: str) -> str:
@@ -84,7 +90,7 @@ def fragment_pieces(flat: torch.Tensor, shape, start: int, stop: int, real_shape
 def shards(trainer) -> list[Shard]:
     """Every tensor this rank owns: the master weights (never a 16-bit copy), AdamW moments and
     step counts of its fragments (whole parameters, or under ZeRO its 1/dp flat ranges)."""
-    out = []
+    out, stale = [], in_flight_version(trainer)
     for f in trainer.master.fragments:
         name = f.name
         if canonical_name(trainer, name) != name:
@@ -93,6 +99,8 @@ def shards(trainer) -> list[Shard]:
         state = trainer.master.state_of(f)
         values = {name: f.master}
         values.update({f"optim.{m}/{name}": state[m] for m in MOMENTS if m in state})
+        if stale is not None:
+            values[STALE + name] = stale[name].detach().reshape(-1)[f.start : f.stop]
         for key, flat in values.items():
             for box_offsets, piece in fragment_pieces(flat, f.param.shape, f.start, f.stop, local):
                 where = tuple(o + b for o, b in zip(offsets, box_offsets, strict=True))
@@ -100,6 +108,16 @@ def shards(trainer) -> list[Shard]:
         if "step" in state:
             out.append(Shard(f"optim.step/{name}", state["step"].reshape(()), (), ()))
     return out
+
+
+def in_flight_version(trainer) -> dict[str, torch.Tensor] | None:
+    """2BW: {global name: parameter} of the version the next step's batch runs on (None
+    for every other schedule)."""
+    if trainer.versions is None:
+        return None
+    from hpcpipe.train.trainer import unique_named_parameters
+
+    return dict(unique_named_parameters(trainer.versions[trainer.step_index % 2]))
 
 
 def manifest(trainer) -> dict:
@@ -164,8 +182,9 @@ def _fault_hook(trainer):
     return lambda _name: injection.fire()
 
 
-def _wanted(trainer) -> list[tuple]:
-    """(stored name, global shape, offsets, local shape) for every tensor this rank needs."""
+def _wanted(trainer, stale: bool = False) -> list[tuple]:
+    """(stored name, global shape, offsets, local shape) for every tensor this rank needs
+    (stale: 2BW's in-flight version too)."""
     wanted = {}
     for f in trainer.master.fragments:
         stored = canonical_name(trainer, f.name)
@@ -175,6 +194,9 @@ def _wanted(trainer) -> list[tuple]:
             key = f"optim.{moment}/{stored}"
             wanted[key] = (key, gshape, offsets, local)
         wanted[f"optim.step/{stored}"] = (f"optim.step/{stored}", (), (), ())
+    for name, param in (in_flight_version(trainer) or {}).items() if stale else ():
+        key = STALE + canonical_name(trainer, name)  # whole local tensors, ZeRO or not
+        wanted[key] = (key, *_placement(trainer, name, param))
     return list(wanted.values())
 
 
@@ -223,7 +245,8 @@ def restore(trainer, path, derive: bool = True) -> dict:
     call derive_params (collective under ZeRO: an all-gather) once every rank has loaded.
     """
     into, moments = _destinations(trainer)
-    meta, tensors = load_checkpoint(path, _wanted(trainer), into=into)
+    stale = trainer.versions is not None and _has_stale(path)
+    meta, tensors = load_checkpoint(path, _wanted(trainer, stale), into=into)
     with torch.no_grad():
         for f in trainer.master.fragments:
             stored = canonical_name(trainer, f.name)
@@ -234,9 +257,10 @@ def restore(trainer, path, derive: bool = True) -> dict:
                 _take(state[m], tensors[f"optim.{m}/{stored}"], f, local)
             state["step"] = tensors[f"optim.step/{stored}"].to(torch.float32).reshape(())
             trainer.master.set_state(f, state)
+    trainer.loaded_stale = {k[len(STALE) :]: v for k, v in tensors.items() if k.startswith(STALE)}
+    trainer.step_index = meta["lr_schedule"]["step"]  # before derive: 2BW's version by step
     if derive:
         derive_params(trainer)
-    trainer.step_index = meta["lr_schedule"]["step"]
     trainer.master.scaler.load_state_dict(meta.get("loss_scaler"))
     if trainer.sampler is not None:
         trainer.sampler.load_state_dict(meta["sampler"])
@@ -247,9 +271,27 @@ def restore(trainer, path, derive: bool = True) -> dict:
     return meta
 
 
+def _has_stale(path) -> bool:
+    """Whether a checkpoint holds 2BW's in-flight version (a 2bw run saved it)."""
+    return any(name.startswith(STALE) for name in read_manifest(resolve(path))["tensors"])
+
+
 def derive_params(trainer) -> None:
-    """The model parameters from the restored masters (cast; all-gathered under ZeRO)."""
+    """The model parameters from the restored masters (cast; all-gathered under ZeRO); 2BW:
+    both weight versions from them, the in-flight one from its saved values when there are
+    some (else W(t-1) = W(t), as a fresh run starts)."""
     trainer.master.refresh_params()
+    if trainer.versions is None:
+        return
+    trainer.sync_versions()
+    loaded, trainer.loaded_stale = getattr(trainer, "loaded_stale", None) or {}, None
+    if not loaded:
+        return
+    with torch.no_grad():
+        for name, param in in_flight_version(trainer).items():
+            stored = canonical_name(trainer, name)
+            _, _, local = _placement(trainer, name, param)
+            _trim(param, local).copy_(loaded[stored])
 
 
 def check_layout_change(saved: dict, config) -> list[str]:

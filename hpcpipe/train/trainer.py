@@ -233,6 +233,11 @@ class PipelineTrainer:
             versions.append(stages)
         return versions
 
+    def sync_versions(self) -> None:
+        """2BW: both weight versions from the masters (after weights were loaded into them)."""
+        for version in self.versions or ():
+            copy_weights(self.stages, version)
+
     def use_schedule(self, schedule: Schedule) -> None:
         """Run `schedule` from the next step on (zb-auto rebuilt for measured costs). Its
         backwards must be split as the current one's are: the stages were built for that."""

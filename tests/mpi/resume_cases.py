@@ -31,14 +31,14 @@ LAYOUTS = [(1, 4, 1, "1f1b"), (1, 2, 1, "gpipe"), (1, 3, 1, "zb-h1"), (1, 1, 1, 
            (1, 2, 2, "1f1b"), (2, 2, 1, "interleaved"), (2, 1, 2, "gpipe")]  # fmt: skip
 
 
-def config(dp, pp, tp, schedule, dtype, ckpt_dir, model="gpt2", zero=0):
+def config(dp, pp, tp, schedule, dtype, ckpt_dir, model="gpt2", zero=0, microbatches=2):
     return build_config(
         {
             "model": MODELS[model],
             "train": {"global_batch": 8, "steps": STEPS, "dtype": dtype, "lr": 1e-2,
                       "warmup_steps": 1, "seed": 11},
             "parallel": {"dp": dp, "pp": pp, "tp": tp, "timeout": 60, "zero": zero},
-            "schedule": {"name": schedule, "microbatches": 2,
+            "schedule": {"name": schedule, "microbatches": microbatches,
                          "virtual": 2 if schedule == "interleaved" else 1},
             "checkpoint": {"dir": str(ckpt_dir), "keep": 2},
         }
@@ -93,6 +93,48 @@ def zero_chain(world, workdir, tokens, model) -> dict:
             sub.Free()
         world.Barrier()
     return {"reference": reference, "resumed": resumed}
+
+
+# 2BW: (dp, pp, tp, zero) legs of 2 steps each; M = 4 >= pp - 1 everywhere.
+TWO_BW_LEGS = [(1, 4, 1, 0), (2, 2, 1, 1), (1, 2, 2, 0), (1, 1, 1, 0)]
+
+
+def two_bw_chain(world, workdir, tokens) -> dict:
+    """2BW saved and resumed along TWO_BW_LEGS equals one uninterrupted 2BW run; the same
+    layout resumes bitwise; a resume that drops the saved in-flight version (W(t-1) := W(t))
+    does not equal it, so the version is what makes the resume exact."""
+
+    def cfg(dp, pp, tp, zero, ckpt):
+        return config(dp, pp, tp, "2bw", "float64", ckpt, zero=zero, microbatches=4)
+
+    chain, same_dir = workdir / "two-bw", workdir / "two-bw-same"
+    uninterrupted = trainer_on(world, cfg(1, 4, 1, 0, chain), tokens)
+    reference = run(uninterrupted, 2 * len(TWO_BW_LEGS))
+    resumed = []
+    for leg, (dp, pp, tp, zero) in enumerate(TWO_BW_LEGS):
+        sub = on_ranks(world, dp * pp * tp)
+        if sub != MPI.COMM_NULL:
+            trainer = trainer_on(sub, cfg(dp, pp, tp, zero, chain), tokens)
+            if leg:
+                train_state.restore(trainer, chain)
+            resumed += run(trainer, 2 * (leg + 1))
+            train_state.save(trainer, chain)
+            sub.Free()
+        world.Barrier()
+    base = trainer_on(world, cfg(1, 4, 1, 0, same_dir), tokens)
+    run(base, 2)
+    train_state.save(base, same_dir)
+    tail = run(base, 4)
+    again = trainer_on(world, cfg(1, 4, 1, 0, same_dir), tokens)
+    train_state.restore(again, same_dir)
+    again_tail = run(again, 4)
+    final = params_of(base)
+    same = all(world.allgather(all(torch.equal(p, final[n]) for n, p in params_of(again).items())))
+    dropped = trainer_on(world, cfg(1, 4, 1, 0, same_dir), tokens)
+    train_state.restore(dropped, same_dir)
+    dropped.sync_versions()  # forget W(t-1): what a checkpoint without it would give
+    return {"reference": reference, "resumed": resumed, "bitwise_params": same,
+            "tail": tail, "again": again_tail, "dropped": run(dropped, 4)}  # fmt: skip
 
 
 def bf16_run(world, workdir, tokens, zero) -> dict:
@@ -153,6 +195,7 @@ def main():
         results[f"zero-chain-{model}"] = zero_chain(world, workdir, tokens, model)
     for zero in (0, 1):
         results[f"bf16-zero{zero}"] = bf16_run(world, workdir, tokens, zero)
+    results["two-bw"] = two_bw_chain(world, workdir, tokens)
     if world.Get_rank() == 0:
         Path(out).write_text(json.dumps(results, indent=1))
 
