@@ -29,7 +29,7 @@ def pick(results, world, **keys):
     return case["ranks"]
 
 
-CASES = [(w, s, r, d) for w in WORLDS for s in ("gpipe", "1f1b", "interleaved", "zb-h1")
+CASES = [(w, s, r, d) for w in WORLDS for s in ("gpipe", "1f1b", "interleaved", "zb-h1", "2bw")
          for r, d in [("false", "float32")]] + [
     (w, "1f1b", r, d) for w in WORLDS
     for r, d in [("selective", "float32"), ("full", "float32"), ("false", "bfloat16")]
@@ -80,3 +80,19 @@ def test_recomputation_lowers_measured_activations(results):
             assert s <= n
             if none["pp_rank"] == 0:  # holds K micro-batches; full keeps only their inputs
                 assert f < s
+
+
+def test_2bw_holds_two_more_weight_copies_and_1f1bs_activations(results):
+    """PipeDream-2BW: the optimizer's buckets plus two weight versions (3x 1F1B's parameter
+    bytes), no extra gradients (the versions' go straight into the buckets), and 1F1B's
+    activation peak although the next batch's first forwards are held across the step."""
+    for world in WORLDS:
+        sync = pick(results, world, schedule="1f1b", recompute="false", dtype="float32",
+                    layout=[1, world, 1])  # fmt: skip
+        two = pick(results, world, schedule="2bw", recompute="false", dtype="float32",
+                   layout=[1, world, 1])  # fmt: skip
+        for a, b in zip(sync, two, strict=True):
+            assert b["measured"]["params"] == 3 * a["measured"]["params"]
+            assert b["measured"]["grads"] == a["measured"]["grads"]
+            assert b["measured"]["optimizer"] == a["measured"]["optimizer"]
+            assert b["measured"]["activations"] == a["measured"]["activations"]

@@ -33,7 +33,9 @@ from torch import nn
 from hpcpipe.config import HALF
 from hpcpipe.config import TORCH_DTYPES as DTYPES
 from hpcpipe.models import api
+from hpcpipe.pipeline import twobw
 from hpcpipe.pipeline.schedule import (
+    ASYNC_SCHEDULES,
     Action,
     Kind,
     peak_microbatches,
@@ -565,9 +567,14 @@ def predict_rank(
         )
         for stage in stages
     }
-    actions = b.schedule[pp_rank]
+    asynchronous = s.name in ASYNC_SCHEDULES and not getattr(s, "csv", "")
+    # 2BW: a step starts with the last one's forwards in flight; three steps in a row hold
+    # what any one does
+    actions = twobw.unrolled(K, s.microbatches, 3)[pp_rank] if asynchronous else b.schedule[pp_rank]
     numel = _numel(params, b, stages)
     static = predict_static(numel, dtype, getattr(p, "zero", 0), p.dp)
+    if asynchronous:  # the buckets the optimizer updates, and the two weight versions
+        static["params"] *= 3
     boundary = math.prod(b.spec.boundary_shape(b.model, b.microbatch_size))
     comm = predict_comm(actions, boundary * torch.empty((), dtype=dtype).element_size())
     activations = peak_activation_bytes(actions, per_stage, split, mode)

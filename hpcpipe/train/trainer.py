@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,15 +224,27 @@ class PipelineTrainer:
         return self.config.schedule.name in ASYNC_SCHEDULES and not self.config.schedule.csv
 
     def _build_versions(self) -> list[dict]:
-        """Two more copies of this rank's stages (W(-1) = W(0): both start as the masters)."""
+        """Two more copies of this rank's stages (W(-1) = W(0): both start as the masters).
+        Each gradient a version's parameter receives goes straight into its master's bucket
+        (in float32 for 16-bit runs, as the masters' own), so the dp reduction overlaps the
+        backward as usual and a version holds no gradient of its own."""
+        masters = dict(unique_named_parameters(self.stages))
         versions = []
         for _ in range(2):
             stages = self._build_stages()
             for stage in stages.values():
                 stage.to(dtype=self.dtype)
             copy_weights(self.stages, stages)
+            for name, param in unique_named_parameters(stages):
+                hook = functools.partial(self._fold_version_grad, masters[name])
+                param.register_post_accumulate_grad_hook(hook)
             versions.append(stages)
         return versions
+
+    def _fold_version_grad(self, master: torch.nn.Parameter, version: torch.nn.Parameter):
+        self.reducer.grad(master).add_(version.grad)
+        version.grad = None
+        self.reducer.grad_ready(master)
 
     def sync_versions(self) -> None:
         """2BW: both weight versions from the masters (after weights were loaded into them)."""
@@ -446,7 +459,7 @@ class PipelineTrainer:
 
     def _asynchronous_step(self) -> StepResult:
         """2BW: batch t on versions[t % 2] (W(t-1)), the next batch's first forwards on the
-        other (W(t)); the gradients then go into the masters' buckets."""
+        other (W(t)); the gradients go into the masters' buckets (_fold_version_grad)."""
         t = self.step_index
         current, upcoming = self.versions[t % 2], self.versions[(t + 1) % 2]
         steady = self.blueprint.schedule[self.pp_rank]
@@ -457,12 +470,6 @@ class PipelineTrainer:
         batch = self.next_microbatches()
         result = runtime.step(batch, lookahead=self.next_microbatches(peek=True))
         self._in_flight = True
-        versions = dict(unique_named_parameters(current))
-        for name, param in unique_named_parameters(self.stages):
-            version = versions[name]
-            if version.grad is not None:
-                self.reducer.grad(param).add_(version.grad)
-                version.grad = None
         return result
 
     def finish_step(self, result: StepResult) -> dict:

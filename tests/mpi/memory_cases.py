@@ -19,7 +19,7 @@ from hpcpipe.parallel.grid import Grid, Topology
 from hpcpipe.train.trainer import PipelineTrainer, make_blueprint
 
 MODEL = {"n_layers": 8, "d_model": 32, "n_heads": 2, "seq_len": 16}
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)]
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1), ("2bw", 1)]
 
 
 def cases(world: int) -> list[dict]:
