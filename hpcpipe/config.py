@@ -136,8 +136,9 @@ def recompute_mode(value: Any, key: str = "schedule.recompute") -> str:
 @dataclass(frozen=True)
 class ScheduleSection:
     name: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b, interleaved, zb-h1, zb-h2, interleaved-zb, zb-auto or
-    zb-v (V shape, virtual = 2)."""
+    """Pipeline schedule: gpipe, 1f1b, interleaved, zb-h1, zb-h2, interleaved-zb, zb-auto,
+    zb-v (V shape, virtual = 2) or 2bw (PipeDream-2BW: no flush, two weight versions,
+    microbatches >= pp - 1)."""
     microbatches: int = 4
     """M: micro-batches per step on each dp replica (must divide its share of the batch)."""
     recompute: str = "false"

@@ -72,3 +72,20 @@ def test_png(tmp_path, capsys):
 def test_refusals_say_why(capsys, argv, needle):
     code, _, err = run(capsys, *argv)
     assert code == 2 and needle in err
+
+
+def test_2bw_prints_its_step_and_its_full_pipelines_time_per_step(capsys):
+    """2BW never drains: json's step_time is what one more step adds (M (T_F + T_B) at unit
+    costs: no bubble), the grid shows three steps in a row, csv the program of every step."""
+    common = ("--schedule", "2bw", "--stages", "4", "--microbatches", "8")
+    code, out, _ = run(capsys, *common, "--costs", "1,1,1,0", "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["steps_shown"] == 3
+    assert data["step_time"] == pytest.approx(8 * 3) and data["bubble_rate"] == pytest.approx(0)
+    assert data["peak_activations"] == [4, 3, 2, 1]
+    _, grid, _ = run(capsys, *common, "--format", "grid")
+    assert "0F23" in grid and "3B23" in grid and "0F24" not in grid
+    _, csv, _ = run(capsys, *common, "--format", "csv", "--compute-only")
+    step = from_csv(csv)
+    assert [str(a) for a in step[0][:4]] == ["0F3", "0B0", "0F4", "0B1"]
+    assert max(a.microbatch for a in step[0]) == 10  # the next batch's first K-1 forwards

@@ -115,3 +115,21 @@ def test_the_oracle_takes_step_ts_gradient_on_the_weights_before_the_last_update
     before = stale.params()
     stale.finish_step()
     assert any(not torch.equal(before[n], p) for n, p in stale.params().items())
+
+
+# ---------------------------------------------------------------- simulated
+
+
+@pytest.mark.parametrize("K", range(2, 9))
+def test_a_full_2bw_pipeline_has_no_bubble_and_beats_1f1b(K):
+    """Unit costs: a step once the pipe is full takes M (T_F + T_B), against 1F1B's
+    (M + K - 1)(T_F + T_B); with comm time (the costs fitted on this machine) still faster."""
+    from hpcpipe.pipeline.simulate import Costs, predict
+
+    fitted = Costs(70.1, 86.4 + 62.1, 0.0, 0.46)
+    for M in range(K - 1, 2 * K + 2):
+        step, bubble, _ = twobw.steady_state(K, M, Costs(1.0, 1.0, 0.0, 0.0))
+        assert step == pytest.approx(2 * M) and bubble == pytest.approx(0, abs=1e-12)
+        step, bubble, _ = twobw.steady_state(K, M, fitted)
+        assert step < predict("1f1b", K, M, 1, fitted).step_time
+        assert bubble < 0.02

@@ -54,7 +54,7 @@ _INTRO = textwrap.fill(
 
 
 def _train_parser(sub) -> None:
-    from hpcpipe.pipeline.schedule import SCHEDULES
+    from hpcpipe.pipeline.schedule import TRAINING_SCHEDULES
 
     shared = cfg.key_docs(DEFAULT_ARCH)
     families = "".join(
@@ -69,7 +69,7 @@ def _train_parser(sub) -> None:
         help="train a model with pipeline parallelism (run under mpiexec -n N)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"{_INTRO}\n{key_help()}\n{families}\nShort forms:\n{short}\n"
-        f"Schedules (schedule.name): {', '.join(SCHEDULES)}",
+        f"Schedules (schedule.name): {', '.join(TRAINING_SCHEDULES)}",
     )
     p.add_argument("--config", help="TOML file with [model] [train] [parallel] [schedule] [data]")
     p.add_argument("--metrics", help="write one JSON object per step to this file (rank 0)")
@@ -105,7 +105,7 @@ def _train_parser(sub) -> None:
 
 
 def _schedule_parser(sub) -> None:
-    from hpcpipe.pipeline.schedule import FORWARD_SCHEDULES, SCHEDULES
+    from hpcpipe.pipeline.schedule import FORWARD_SCHEDULES, TRAINING_SCHEDULES
 
     p = sub.add_parser(
         "schedule",
@@ -114,7 +114,7 @@ def _schedule_parser(sub) -> None:
         "it. With --fit TRACE, the costs are fitted from a measured `hpcpipe train --trace` run "
         "and the command predicts the given schedule/M/V.",
     )
-    names = sorted([*SCHEDULES, *FORWARD_SCHEDULES])  # forward-only: what evaluation runs
+    names = sorted([*TRAINING_SCHEDULES, *FORWARD_SCHEDULES])  # forward-only: what evaluation runs
     p.add_argument("--schedule", default="1f1b", choices=names, help="schedule name")
     p.add_argument("--stages", type=int, help="K, the number of pipeline ranks")
     p.add_argument("--microbatches", type=int, help="M, micro-batches per step")

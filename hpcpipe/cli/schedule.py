@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hpcpipe.pipeline import draw
+from hpcpipe.pipeline import draw, twobw
 from hpcpipe.pipeline.autoschedule import AUTO
 from hpcpipe.pipeline.schedule import (
     FORWARD_SCHEDULES,
@@ -76,11 +76,50 @@ def render_measured(args) -> str | None:
     return None
 
 
+def render_two_bw(args) -> str | None:
+    """2BW: csv is the program of every step (forwards >= M: the next batch's); the grid,
+    json, chrome and png formats show STEPS_SHOWN steps in a row (one schedule over their
+    batches), and json's step_time and bubble_rate are the full pipeline's, per step."""
+    K, M, V = _sizes(args)
+    step = build_schedule(twobw.NAME, K, M, V)
+    if args.format == "csv":
+        return to_csv(step, compute_only=args.compute_only)
+    shown = twobw.unrolled(K, M, STEPS_SHOWN)
+    if args.format == "grid":
+        return render_grid(shown, K, STEPS_SHOWN * M, V)
+    costs, source = costs_for(args, args.schedule, split=False)
+    step_time, bubble, sim = twobw.steady_state(K, M, costs, STEPS_SHOWN)
+    if args.format == "json":
+        out = draw.to_json(shown, K, STEPS_SHOWN * M, V, sim)
+        out.update(
+            name=twobw.NAME,
+            steps_shown=STEPS_SHOWN,
+            bubble_rate=bubble,
+            step_time=step_time,
+            peak_activations=[twobw.peak_activations(K, M)[r] for r in range(K)],
+            costs=[costs.t_f, costs.t_b, costs.t_w, costs.t_comm],
+            **source,
+        )
+        return json.dumps(out, indent=1)
+    if args.format == "chrome":
+        return json.dumps(draw.to_chrome_trace(sim.timeline, K, draw.timeline_arrows(sim.timeline)))
+    if not args.out:
+        raise ValueError("--format png needs --out FILE.png")
+    title = f"2bw K={K} M={M}, {STEPS_SHOWN} steps: bubble {bubble:.3f} per step once full"
+    draw.to_png(sim.timeline, K, args.out, title=title)
+    return None
+
+
+STEPS_SHOWN = 3  # 2BW never drains: a few steps in a row show its steady state
+
+
 def render(args) -> str | None:
     """The text to print (None when a file was written)."""
     if args.measured:
         return render_measured(args)
     Costs.parse(args.costs)  # refuse a bad --costs whatever the format
+    if args.schedule == twobw.NAME and not args.csv:
+        return render_two_bw(args)
     K, M, V, schedule = _schedule(args)
     if args.format == "grid":
         return render_grid(schedule, K, M, V)

@@ -151,3 +151,17 @@ def peak_activations(K: int, M: int) -> dict[int, int]:
     1F1B's; at M = K-1 rank 0 holds one more than M (the next batch's first K-1 and one)."""
     program = unrolled(K, M, 3)
     return {rank: peak_microbatches(program[rank]) for rank in range(K)}
+
+
+def steady_state(K: int, M: int, costs, steps: int = 4):
+    """(seconds per step once the pipeline is full, its bubble rate, the simulation of
+    `steps` steps in a row) under simulate.Costs: the span `steps` steps add over
+    `steps` - 1, since no step drains (W folds into B: 2BW's backward is whole)."""
+    from hpcpipe.pipeline.simulate import Costs, simulate
+
+    whole = Costs(costs.t_f, costs.t_b + costs.t_w, 0.0, costs.t_comm)
+    longer = simulate(unrolled(K, M, steps), K, steps * M, 1, whole)
+    shorter = simulate(unrolled(K, M, steps - 1), K, (steps - 1) * M, 1, whole)
+    step = longer.step_time - shorter.step_time
+    ideal = M * (whole.t_f + whole.t_b)
+    return step, (step - ideal) / step if step else 0.0, longer
