@@ -44,10 +44,15 @@ WORKLOAD_ENV = "HPCPIPE_BENCH_WORKLOAD"
 # passed as "comm:K" (serial runs hold all K blocks in one process).
 COMM_MODEL = {"n_layers": 2, "d_model": 1024, "n_heads": 8, "seq_len": 512, "vocab_size": 256}
 COMM_GLOBAL_BATCH = 8  # micro-batches of one sequence: 2 MiB per message in float32
+# --workload latency: the opposite end, a narrow block per stage (16 KiB messages, well under
+# a millisecond of compute per micro-batch), so a step is mostly per-message and per-action
+# cost: where a transport's latency (MPI's shared memory against gloo's TCP) can show on a CPU.
+LATENCY_MODEL = {"n_layers": 2, "d_model": 64, "n_heads": 2, "seq_len": 64, "vocab_size": 256}
+WORKLOAD_MODELS = {"comm": COMM_MODEL, "latency": LATENCY_MODEL}
 
 
 def workload() -> tuple[str, int]:
-    """("default" | "comm", K) from the environment the launcher set."""
+    """("default" | "comm" | "latency", K) from the environment the launcher set."""
     name, _, k = os.environ.get(WORKLOAD_ENV, "default").partition(":")
     return name, int(k or 0)
 
@@ -55,14 +60,14 @@ def workload() -> tuple[str, int]:
 def bench_model() -> dict:
     """The [model] table of the family chosen with --model (or the comm workload's)."""
     name, k = workload()
-    if name == "comm":
-        return {**COMM_MODEL, "n_layers": k}
+    if name in WORKLOAD_MODELS:
+        return {**WORKLOAD_MODELS[name], "n_layers": k}
     return MODELS[os.environ.get(MODEL_ENV, "gpt2")]
 
 
 def bench_train() -> dict:
     """The [train] table: the comm workload's batch is smaller (its blocks are 16x wider)."""
-    if workload()[0] == "comm":
+    if workload()[0] in WORKLOAD_MODELS:
         return {**TRAIN, "global_batch": COMM_GLOBAL_BATCH}
     return TRAIN
 
@@ -75,11 +80,11 @@ CONTENDERS = ("hpcpipe", "torch", "serial", "serial-xK")
 SCHEDULE_CONTENDERS = ("hpcpipe-gpipe", "hpcpipe", "hpcpipe-interleaved", "hpcpipe-zb-h1",
                        "hpcpipe-zb-h2", "hpcpipe-zb-auto", "hpcpipe-zb-v",
                        "hpcpipe-interleaved-zb", "torch", "torch-interleaved", "torch-zb",
-                       "torch-zbv", "serial", "serial-xK")  # fmt: skip
+                       "torch-zbv", "hpcpipe-2bw", "serial", "serial-xK")  # fmt: skip
 HPCPIPE_SCHEDULES = {"hpcpipe": "1f1b", "hpcpipe-gpipe": "gpipe",
                      "hpcpipe-interleaved": "interleaved", "hpcpipe-zb-h1": "zb-h1",
                      "hpcpipe-zb-h2": "zb-h2", "hpcpipe-zb-auto": "zb-auto", "hpcpipe-zb-v": "zb-v",
-                     "hpcpipe-interleaved-zb": "interleaved-zb"}  # fmt: skip
+                     "hpcpipe-interleaved-zb": "interleaved-zb", "hpcpipe-2bw": "2bw"}  # fmt: skip
 VIRTUAL = 2  # chunks per rank for the interleaved schedules
 
 
@@ -520,7 +525,8 @@ def schedule_report(runs: dict[str, list[dict]], k: int) -> str:
         "tokens/s, efficiency = tok/s / (K x serial accumulated) from the medians and as the "
         "median of per-round ratios, measured bubble:"
     ]
-    for kind in SCHEDULE_CONTENDERS:
+    kinds = list(runs)  # SCHEDULE_CONTENDERS, or the --contenders chosen
+    for kind in kinds:
         bubble = (
             medians({kind: runs[kind]}, "bubble").get(kind) if "bubble" in runs[kind][0] else None
         )
@@ -530,8 +536,19 @@ def schedule_report(runs: dict[str, list[dict]], k: int) -> str:
             f"  {kind:<22} {med[kind]:8,.0f}   efficiency {med[kind] / ideal:.3f} "
             f"(per round {per_round:.3f}){extra}"
         )
-    ours = max((k2 for k2 in SCHEDULE_CONTENDERS if k2.startswith("hpcpipe")), key=med.get)
-    theirs = max((k2 for k2 in SCHEDULE_CONTENDERS if k2.startswith("torch")), key=med.get)
+    ours = max((k2 for k2 in kinds if k2.startswith("hpcpipe")), key=med.get)
+    theirs = max((k2 for k2 in kinds if k2.startswith("torch")), key=med.get)
+    ceiling = max((k2 for k2 in kinds if k2.startswith("hpcpipe")), key=lambda k2: paired(
+        runs, k2, "serial-xK"))  # fmt: skip
+    rows.append(
+        f"  best hpcpipe per round vs that round's serial-xK ({ceiling}): "
+        f"{paired(runs, ceiling, 'serial-xK'):.3f} (median of per-round ratios)"
+    )
+    if "hpcpipe-2bw" in runs and "hpcpipe" in runs:
+        rows.append(
+            f"  2bw / 1f1b = {med['hpcpipe-2bw'] / med['hpcpipe']:.3f} (median of per-round "
+            f"ratios {paired(runs, 'hpcpipe-2bw', 'hpcpipe'):.3f}): no flush, staleness 1"
+        )
     rows.append(
         f"  best hpcpipe ({ours}) / best torch ({theirs}) = {med[ours] / med[theirs]:.3f} "
         f"(median of per-round ratios {paired(runs, ours, theirs):.3f})"
@@ -564,24 +581,33 @@ def main() -> None:
     "interleaved zero-bubble, ZB-V) instead",
     )  # fmt: skip
     parser.add_argument(
-        "--workload", choices=("default", "comm"), default="default",
+        "--workload", choices=("default", "comm", "latency"), default="default",
         help="comm: d_model 1024, seq 512, one block per stage, one sequence per micro-batch "
-        "(communication-heavy; 1F1B contenders only)",
+        "(communication-heavy); latency: the same with d_model 64, seq 64 (per-message cost); "
+        "1F1B contenders only",
+    )  # fmt: skip
+    parser.add_argument(
+        "--contenders", nargs="+", choices=SCHEDULE_CONTENDERS,
+        help="with --schedules: only these (serial, serial-xK and one torch contender needed)",
     )  # fmt: skip
     args = parser.parse_args()
+    needed = {"serial", "serial-xK"}
+    if args.contenders and (not needed <= set(args.contenders) or not any(
+            c.startswith("torch") for c in args.contenders)):  # fmt: skip
+        parser.error("--contenders must include serial, serial-xK and a torch contender")
     if args.model:
         os.environ[MODEL_ENV] = args.model
-    if args.workload == "comm" and not args.worker:
+    if args.workload != "default" and not args.worker:
         if args.schedules:
-            parser.error("--workload comm compares the 1F1B contenders: drop --schedules")
-        os.environ[WORKLOAD_ENV] = f"comm:{args.ranks}"
+            parser.error(f"--workload {args.workload} compares 1F1B contenders: drop --schedules")
+        os.environ[WORKLOAD_ENV] = f"{args.workload}:{args.ranks}"
     if args.worker:
         result = WORKERS[args.worker](args)
         if result is not None:
             print(TAG + json.dumps(result), flush=True)
         return
     if args.schedules:
-        runs = run_rounds(args, SCHEDULE_CONTENDERS)
+        runs = run_rounds(args, tuple(args.contenders or SCHEDULE_CONTENDERS))
         print(schedule_report(runs, args.ranks))
     else:
         runs = run_rounds(args)
