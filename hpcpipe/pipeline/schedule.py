@@ -474,6 +474,18 @@ def _lower_rank(compute: list[Action], rank: int, place: Placement) -> list[Acti
     return out
 
 
+# local order: the kind each action must come after (None: the backward of its micro-batch) ...
+_MUST_FOLLOW = {
+    Kind.B: Kind.F,
+    Kind.I: Kind.F,
+    Kind.W: Kind.I,
+    Kind.SEND_F: Kind.F,
+    Kind.SEND_B: None,
+}
+# ... and the kind a receive must come before (its consumer)
+_MUST_PRECEDE = {Kind.RECV_F: Kind.F, Kind.RECV_B: None}
+
+
 def add_send_recv(compute: Schedule, K: int, V: int = 1) -> Schedule:
     """Lower a compute-only schedule by adding SEND/RECV actions between ranks (each stage
     where the schedule runs it: placement_of)."""
@@ -753,20 +765,22 @@ class _Checker:
 
     def _check_action_order(self, rank: int, a: Action, i: int, index: dict) -> None:
         """Check one action against the local action it must follow or precede."""
-        s, m = a.stage, a.microbatch
-        backward = self._backward_of(index, s, m)
-        before = {
-            Kind.B: Action(s, Kind.F, m),
-            Kind.I: Action(s, Kind.F, m),
-            Kind.W: Action(s, Kind.I, m),
-            Kind.SEND_F: Action(s, Kind.F, m),
-            Kind.SEND_B: backward,
-        }
-        after = {Kind.RECV_F: Action(s, Kind.F, m), Kind.RECV_B: backward}
-        if a.kind in before and index.get(before[a.kind], len(index)) > i:
-            self.fail(rank, a, f"must come after {before[a.kind]} on the same rank")
-        if a.kind in after and index.get(after[a.kind], -1) < i:
-            self.fail(rank, a, f"must come before {after[a.kind]}, which consumes it")
+        kind = a.kind
+        if kind in _MUST_FOLLOW:
+            first = self._partner(index, a, _MUST_FOLLOW[kind])
+            if index.get(first, len(index)) > i:
+                self.fail(rank, a, f"must come after {first} on the same rank")
+        elif kind in _MUST_PRECEDE:
+            consumer = self._partner(index, a, _MUST_PRECEDE[kind])
+            if index.get(consumer, -1) < i:
+                self.fail(rank, a, f"must come before {consumer}, which consumes it")
+
+    @classmethod
+    def _partner(cls, index: dict, a: Action, kind: Kind | None) -> Action:
+        """The action of a's (stage, micro-batch) of the given kind (None: its backward)."""
+        if kind is None:
+            return cls._backward_of(index, a.stage, a.microbatch)
+        return Action(a.stage, kind, a.microbatch)
 
     @staticmethod
     def _backward_of(index: dict, s: int, m: int) -> Action:
