@@ -222,6 +222,15 @@ class Sampler:
             self._perm_epoch = epoch
         return self._perm
 
+    def peek_starts(self) -> np.ndarray:
+        """The batch next_starts would return, the sampler left where it is (2BW reads the
+        next batch a step early; copying the sampler would copy its epoch's permutation)."""
+        saved = self.epoch, self.position
+        try:
+            return self.next_starts()
+        finally:
+            self.epoch, self.position = saved
+
     def next_starts(self) -> np.ndarray:
         """Return the token offsets (int64, shape [batch_size]) of the next global batch."""
         out = np.empty(self.batch_size, dtype=np.int64)

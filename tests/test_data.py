@@ -189,6 +189,19 @@ def test_sampler_resume_equals_uninterrupted(k):
     assert all(np.array_equal(x, y) for x, y in zip(full[k:], rest, strict=True))
 
 
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 7])
+def test_peek_returns_the_next_batch_and_leaves_the_sampler_alone(k):
+    """Across epoch boundaries too (10 windows, batch 4)."""
+    full = _draw(Sampler(101, 10, 4, seed=5), k + 2)
+    s = Sampler(101, 10, 4, seed=5)
+    _draw(s, k)
+    state = dict(s.state_dict())
+    assert np.array_equal(s.peek_starts(), full[k])
+    assert s.state_dict() == state
+    assert np.array_equal(s.next_starts(), full[k])
+    assert np.array_equal(s.next_starts(), full[k + 1])
+
+
 def test_sampler_too_few_tokens_says_how_many():
     with pytest.raises(ValueError, match="need at least 41 tokens"):
         Sampler(40, 10, 4, seed=0)

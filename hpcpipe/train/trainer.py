@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import time
@@ -366,8 +365,7 @@ class PipelineTrainer:
         M = self.config.schedule.microbatches
         if self.sampler is None:
             return [(None, None)] * M
-        sampler = copy.deepcopy(self.sampler) if peek else self.sampler
-        starts = sampler.next_starts()
+        starts = self.sampler.peek_starts() if peek else self.sampler.next_starts()
         share = len(starts) // self.config.parallel.dp  # this replica's slice of the batch
         starts = starts[self.grid.dp_rank * share : (self.grid.dp_rank + 1) * share]
         inputs, targets = data.make_batch(self.tokens, starts, self.config.model.seq_len)
