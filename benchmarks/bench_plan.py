@@ -1,6 +1,6 @@
 """The planner against measured runs: predicted vs measured step time and memory, 4 ranks.
 
-    python benchmarks/bench_plan.py [--ranks 4] [--rounds 3] [--steps 8] [--out DIR]
+    python benchmarks/bench_plan.py [--ranks 4] [--rounds 3] [--steps 16] [--warmup 8] [--out DIR]
 
 1. Before every round, `mpiexec -n 4 hpcpipe plan --profile DIR/profile_rN.json` times this
    machine's layers of the benchmark GPT (F, B, W per micro-batch size and tp degree), its p2p
@@ -9,8 +9,10 @@
 2. Each layout trains --steps steps under mpiexec, in --rounds interleaved rounds (every
    layout once per round, so the VM's slow spells hit all of them): the first profile's top
    --first-choices layouts and a fixed mix of others (dp, pp, tp, schedules, M, recomputation,
-   ZeRO). Measured step time = the median over rounds of each run's median step_time after 2
-   warm-up steps; measured memory = the metrics' MAX-over-ranks total.
+   ZeRO). Measured step time = the median over rounds of each run's median step_time after
+   --warmup steps; measured memory = the metrics' MAX-over-ranks total. The planner predicts
+   the steady state, and on this VM some layouts take 8-10 steps to reach it (dp2 pp2 M1:
+   1.6-2.0 s in steps 1-8, 1.05-1.3 s from step 9 on), so the first 8 steps are skipped.
 3. `hpcpipe plan --device DIR/profile_r1.json,...` (the profiles merged by median) ranks every
    layout and predicts each measured one; its first choice is measured after the rounds if it
    was not among them.
@@ -80,7 +82,7 @@ def profile(ranks: int, path: Path) -> None:
         *flags(MODEL)])  # fmt: skip
 
 
-def measure(ranks: int, layout: Layout, steps: int, tmp: Path) -> dict:
+def measure(ranks: int, layout: Layout, steps: int, tmp: Path, warmup: int) -> dict:
     metrics = tmp / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     run(mpiexec_command(ranks) + [sys.executable, "-m", "hpcpipe", "train", *flags(MODEL),
@@ -88,7 +90,7 @@ def measure(ranks: int, layout: Layout, steps: int, tmp: Path) -> dict:
         "--train.eval_every=0", "--train.log_every=1000"])  # fmt: skip
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     records = [r for r in records if "step_time" in r]
-    times = [r["step_time"] for r in records[2:]]
+    times = [r["step_time"] for r in records[warmup:]]
     return {"step_s": statistics.median(times), "memory": max(r["memory"]["total"]
             for r in records)}  # fmt: skip
 
@@ -111,12 +113,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=8, help="steps not timed, at the start")
     parser.add_argument("--out", help="folder for the profiles and bench_plan.json")
     parser.add_argument("--profile", help="reuse this profile (A.json or A.json,B.json,...)")
     parser.add_argument("--first-choices", type=int, default=2,
                         help="the first profile's top layouts measured in every round")  # fmt: skip
     args = parser.parse_args()
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup {args.warmup} must be >= 0 and below --steps {args.steps}")
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_plan_"))
     out.mkdir(parents=True, exist_ok=True)
     config = cfg.build_config({}, cfg.parse_overrides({k: str(v) for k, v in MODEL.items()}))
@@ -142,12 +147,12 @@ def main() -> None:
                 profiles.append(str(out / f"profile_r{r + 1}.json"))
                 profile(args.ranks, Path(profiles[-1]))
             for lay in layouts:
-                measured[lay].append(measure(args.ranks, lay, args.steps, Path(tmp)))
+                measured[lay].append(measure(args.ranks, lay, args.steps, Path(tmp), args.warmup))
                 print(f"round {r + 1} {lay}: {measured[lay][-1]}", flush=True)
         machine = machine_of(profiles)
         first = search(plan, machine, args.ranks, top=5).ranked[0].layout
         if first not in measured:  # the merged profile chose a layout not measured yet
-            measured[first] = [measure(args.ranks, first, args.steps, Path(tmp))
+            measured[first] = [measure(args.ranks, first, args.steps, Path(tmp), args.warmup)
                                for _ in range(args.rounds)]  # fmt: skip
             print(f"first choice {first} (measured after the rounds): {measured[first]}")
     layouts = [first] + [lay for lay in layouts if lay != first]
@@ -166,7 +171,8 @@ def main() -> None:
     fastest = min(r["measured_s"] for r in rows)
     report = {"rows": rows, "spearman": rho, "first_choice": vars(first),
               "first_choice_vs_fastest": rows[0]["measured_s"] / fastest - 1,
-              "profiles": profiles, "machine": machine.profile.machine}  # fmt: skip
+              "profiles": profiles, "machine": machine.profile.machine,
+              "steps": args.steps, "warmup": args.warmup}  # fmt: skip
     (out / "bench_plan.json").write_text(json.dumps(report, indent=1))
     print(f"{'layout':<58} {'pred':>8} {'meas':>8} {'err':>6} {'pred mem':>9} {'meas mem':>9} "
           f"{'err':>6}")  # fmt: skip
