@@ -11,8 +11,9 @@
    --first-choices layouts and a fixed mix of others (dp, pp, tp, schedules, M, recomputation,
    ZeRO). Measured step time = the median over rounds of each run's median step_time after
    --warmup steps; measured memory = the metrics' MAX-over-ranks total. The planner predicts
-   the steady state, and on this VM some layouts take 8-10 steps to reach it (dp2 pp2 M1:
-   1.6-2.0 s in steps 1-8, 1.05-1.3 s from step 9 on), so the first 8 steps are skipped.
+   the steady state, and on this VM some layouts take 8-10 steps to reach it (dp2 pp2 M1
+   gpipe: 2.04 s at step 1, 1.38 s at step 8, 1.18-1.33 s from step 9 on), so the first 8
+   steps are skipped.
 3. `hpcpipe plan --device DIR/profile_r1.json,...` (the profiles merged by median) ranks every
    layout and predicts each measured one; its first choice is measured after the rounds if it
    was not among them.
