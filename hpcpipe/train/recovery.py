@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 from mpi4py import MPI
@@ -43,7 +41,7 @@ def train_recovering(
             args = (metrics_path, echo, trace_path, resume, stop, holder, init_from)
             records += run(comm, config, *args)
             if holder.get("recovered"):
-                exit_without_finalize(comm)
+                ulfm.exit_without_finalize(comm)
             return records
         except BaseException as exc:
             if not (recoverable and _mpi_failure(exc, _held_comms(comm, holder.get("grid")))):
@@ -52,21 +50,6 @@ def train_recovering(
             holder["recovered"] = True
             comm, config = recover(comm, config, holder.get("grid"), echo)
             resume = "auto"
-
-
-def exit_without_finalize(comm) -> None:
-    """End a process that survived a failure: every survivor is done, then exit(0).
-
-    NOTE: after a rank died, Open MPI 5's MPI_Finalize on the survivors sometimes waits forever
-    (seen 1 run in ~5 under load: all survivors sleeping in ompi_mpi_finalize). The work and its
-    checkpoints are complete here, so meet the other survivors and leave without it.
-    """
-    from hpcpipe.parallel.p2p import wait_politely
-
-    wait_politely(comm.Ibarrier(), time.monotonic() + 60, lambda: "survivors' final barrier")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def recover(comm, config: Config, grid, echo):

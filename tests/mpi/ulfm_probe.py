@@ -16,7 +16,14 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcpipe.parallel.grid import Grid, Topology
-from hpcpipe.parallel.ulfm import agree, is_process_failure, revoke_all, shrink, ulfm_available
+from hpcpipe.parallel.ulfm import (
+    agree,
+    exit_without_finalize,
+    is_process_failure,
+    revoke_all,
+    shrink,
+    ulfm_available,
+)
 
 VICTIM = 2
 DEADLINE = 10.0
@@ -101,7 +108,7 @@ def main(out: str) -> None:
         summary |= {"recovery_seconds": recovery, "reports": reports, **result}
         with open(out, "w") as f:
             json.dump(summary, f, default=float)
-    new.Free()
+    exit_without_finalize(new, timeout=DEADLINE)  # MPI_Finalize may hang after a death
 
 
 if __name__ == "__main__":
