@@ -13,6 +13,9 @@ timed through the code training runs, not through stand-ins:
   parallelism, the trainer's per-step sums);
 - optimizer: MasterOptimizer's step (squared norm, clipping, AdamW over the fragments).
 
+The process keeps the memory it frees (plan/allocator.py), as a training process in its steady
+state does: otherwise every timing iteration would fault its activations in again.
+
 Only the ranks being timed compute; the others wait in a barrier that sleeps between polls,
 because a blocking MPI wait spins a core, and on a machine whose ranks share cores that spinning
 would slow the ranks being timed (../shared/FIELD-NOTES.md).
@@ -43,6 +46,7 @@ from torch import nn
 from hpcpipe.config import TORCH_DTYPES, ConfigError
 from hpcpipe.models import get_spec
 from hpcpipe.models.api import SELECTIVE_RECOMPUTE, check_boundaries
+from hpcpipe.plan.allocator import keep_freed_memory
 
 KIND = "hpcpipe-profile"
 VERSION = 1
@@ -497,10 +501,14 @@ def run_profile(
     tps = sorted(set(tp_degrees or default_tp_degrees(spec, model, world)))
     check_request(config, world, sizes, tps, repeats)
     torch.set_num_threads(config.train.threads)
+    # NOTE: before the first timing loop: with glibc's defaults every iteration faults its
+    # freed activations in again, which a settled training step does not (plan/allocator.py)
+    kept = keep_freed_memory()
     ctx = _Context(config, spec, model, comm, TORCH_DTYPES[config.train.dtype], repeats)
     say = (log or _stderr) if ctx.rank == 0 else (lambda message: None)
     begin = time.perf_counter()
     profile = _header(ctx, sizes, tps)
+    profile["machine"]["freed_memory_kept"] = kept
     _warn_if_busy(profile["machine"], say)
     phases = {
         "layers": lambda: {"layers": _measure_layers(ctx, sizes, tps, say)},
