@@ -27,7 +27,7 @@ def keep_freed_memory() -> bool:
     Only glibc has these settings (musl, macOS: False, nothing changed). Blocks above 32 MiB are
     still mapped and unmapped: glibc refuses a larger threshold. The process keeps its peak.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc":  # also covers macOS and Windows: no glibc there
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
