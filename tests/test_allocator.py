@@ -10,7 +10,7 @@ import pytest
 # Three blocks of a little over 1.5 MiB alive at once, freed, allocated again a little larger
 # each round (as activations do when a run goes on to a larger micro-batch). glibc's defaults
 # map each block above the mmap threshold, which only rises to a block's size once it has been
-# freed, so every round faults all its pages in again (every round of 9 of 9 runs measured). Kept:
+# freed, so every round faults all its pages in again (every round of 6 of 6 runs measured). Kept:
 # the heap reuses what the last round freed and grows by the 192 KiB of growth (0-96 faults).
 LOOP = """
 import resource, sys, torch
