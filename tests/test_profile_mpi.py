@@ -115,6 +115,7 @@ def test_message_and_reduction_times_grow_with_their_size(measured):
     sizes = [8, 1024, 2**16, 2**20, 2**24]
     for times in (
         [measured.p2p_time(n) for n in sizes],
+        [measured.p2p_time(n, to_waiting=True) for n in sizes],
         [measured.allreduce_time(2, n) for n in sizes],
         [measured.allreduce_time(2, n, path="allreduce_") for n in sizes],
     ):
@@ -268,6 +269,20 @@ def test_speed_is_measured_up_to_the_world_and_saturates_beyond(profile):
 def test_a_message_costs_latency_plus_bytes_over_bandwidth(profile):
     assert profile.p2p_time(0) == pytest.approx(1e-5)
     assert profile.p2p_time(1e6) == pytest.approx(1e-5 + 1e-3)
+    # a profile without the messages to a waiting rank: those cost the ping-pong's time
+    assert profile.p2p_time(1e6, to_waiting=True) == pytest.approx(1e-5 + 1e-3)
+
+
+def test_a_message_to_a_waiting_rank_uses_its_own_fit_and_the_planner_charges_it(written):
+    from hpcpipe.plan.machines import ProfileMachine
+
+    p2p = {"latency_s": 1e-5, "bytes_per_s": 1e9,
+           "to_waiting": {"latency_s": 1e-3, "bytes_per_s": 5e8}}  # fmt: skip
+    profile = load_profile(written(profile_data(p2p=p2p)))
+    assert profile.p2p_time(1e6) == pytest.approx(1e-5 + 1e-3)
+    assert profile.p2p_time(1e6, to_waiting=True) == pytest.approx(1e-3 + 2e-3)
+    machine = ProfileMachine(profile, {0: 0})
+    assert machine.p2p(1e6, intra=True) == pytest.approx(3e-3)  # a pipeline hop
 
 
 def test_allreduce_uses_the_group_size_fit_and_scales_unmeasured_sizes_as_a_ring(profile):
@@ -294,6 +309,10 @@ def test_the_planner_reads_the_machine_and_optimizer_fields(profile):
         ({"layers": [row(1, 4, 1.0), row(1, 4, 2.0)]}, "repeat a micro-batch size"),
         ({"contention": {"speed": []}}, "contention.speed must be a non-empty list"),
         ({"p2p": {"latency_s": 1e-5, "bytes_per_s": 0}}, "p2p.bytes_per_s must be a positive"),
+        (
+            {"p2p": {"latency_s": 1e-5, "bytes_per_s": 1e9, "to_waiting": {"latency_s": 1e-3}}},
+            "p2p.to_waiting.bytes_per_s must be a positive",
+        ),
         ({"allreduce": {"one": {}}}, "allreduce keys are group sizes"),
         ({"optimizer": {}}, "optimizer.seconds_per_param must be"),
     ],

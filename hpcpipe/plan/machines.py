@@ -226,7 +226,10 @@ class ProfileMachine:
         return split_like_unsplit(*work)
 
     def p2p(self, nbytes: float, intra: bool) -> float:
-        return self.profile.p2p_time(nbytes)
+        """A pipeline hop: the message to a rank that has been waiting for it. Where a hop is
+        on the critical path its receiver was mostly waiting (a busy receiver hides the hop
+        whatever it costs), and there hpcpipe's polite waits have backed off to sleeps."""
+        return self.profile.p2p_time(nbytes, to_waiting=True)
 
     def allreduce(self, n: int, nbytes: float, intra: bool) -> float:
         return self.profile.allreduce_time(n, nbytes) if n > 1 else 0.0

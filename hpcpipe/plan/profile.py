@@ -8,7 +8,8 @@ timed through the code training runs, not through stand-ins:
   exactly as the trainer builds a stage; the last layer's times include the loss;
 - contention: the whole model in that runtime on 1..N processes at once (how fast each runs
   when cores are shared);
-- point-to-point: P2P's sends, receives and polite waits (a ping-pong);
+- point-to-point: P2P's sends, receives and polite waits (a ping-pong, and messages to a rank
+  that has been waiting for them, as a pipeline's fill and drain send them);
 - all-reduce: the GradReducer's bucket reduction (data parallelism) and allreduce_ (tensor
   parallelism, the trainer's per-step sums);
 - optimizer: MasterOptimizer's step (squared norm, clipping, AdamW over the fragments).
@@ -69,6 +70,10 @@ CONTENTION_ITERATIONS = 4  # ...and at least this many solo iterations' worth of
 # training steps use (a few to several sequences per micro-batch), not only the smallest
 CONTENTION_TARGETS_S = (0.1, 0.25, 0.5)
 PING_PONG_ROUNDS = 16
+# how long a rank waits for a message before its sender sends, in the ping-pong to a waiting
+# rank: long past P2P's spin, so the wait has backed off to 1 ms sleeps, as a pipeline rank's
+# does in the fill and drain (its peers compute for tens to hundreds of ms)
+WAITING_IDLE_S = 0.02
 COLLECTIVE_REPEATS = 8
 
 
@@ -142,9 +147,12 @@ class Profile:
             return float(speeds[n - 1])
         return float(speeds[-1]) * len(speeds) / n
 
-    def p2p_time(self, nbytes: float) -> float:
-        """One-way seconds of a pipeline message of `nbytes` (half a measured round trip)."""
-        return alpha_beta(self.p2p, nbytes)
+    def p2p_time(self, nbytes: float, to_waiting: bool = False) -> float:
+        """One-way seconds of a pipeline message of `nbytes` (half a measured round trip);
+        to_waiting: to a rank that has been waiting for it (`p2p.to_waiting`, where the
+        profile measured it; an older profile's ping-pong otherwise)."""
+        fit = self.p2p.get("to_waiting", self.p2p) if to_waiting else self.p2p
+        return alpha_beta(fit, nbytes)
 
     def allreduce_time(self, group_size: int, nbytes: float, path: str = "grad_reducer") -> float:
         """Seconds of an all-reduce of `nbytes` over `group_size` processes.
@@ -302,6 +310,8 @@ def profile_from_data(path: str, data) -> Profile:
     missing = [key for key in _REQUIRED if key not in data]
     _require(path, not missing, f"the profile lacks {', '.join(missing)}")
     _check_fit(path, "p2p", data["p2p"])
+    if "to_waiting" in data["p2p"]:
+        _check_fit(path, "p2p.to_waiting", data["p2p"]["to_waiting"])
     optimizer = data["optimizer"]
     _require(path, isinstance(optimizer, dict), "optimizer must be an object")
     _check_number(path, "optimizer.seconds_per_param", optimizer.get("seconds_per_param"))
@@ -1051,20 +1061,31 @@ def _loop_rate(bench: LayerBench, window: float) -> float:
 
 def _measure_p2p(ctx: _Context, sizes) -> dict:
     """Ping-pong between world ranks 0 and 1 through P2P: the boundary activation at each
-    micro-batch size, 8 B and 1 MiB; fitted one-way latency and bandwidth."""
+    micro-batch size, 8 B and 1 MiB; fitted one-way latency and bandwidth. `to_waiting`: the
+    same messages to a rank that has waited WAITING_IDLE_S for them, fitted alike."""
     from hpcpipe.parallel.p2p import P2P
 
     itemsize = _itemsize(ctx.dtype)
     boundary = {math.prod(ctx.spec.boundary_shape(ctx.model, m)) * itemsize for m in sizes}
     p2p = P2P(ctx.comm, timeout=ctx.timeout) if ctx.rank < 2 else None
-    points = []
+    points, waiting = [], []
     for nbytes in sorted(boundary | {8, 2**20}):
         if p2p is not None:
-            points.append((nbytes, _ping_pong(p2p, ctx.rank, nbytes, ctx.dtype)))
+            hot = _ping_pong(p2p, ctx.rank, nbytes, ctx.dtype)
+            points.append((nbytes, hot))
+            waiting.append((nbytes, _to_waiting(p2p, ctx.rank, nbytes, ctx.dtype, hot)))
         ctx.barrier()
     if ctx.rank != 0:
         return {}
-    return {**fit_alpha_beta(points), "points": [{"bytes": n, "seconds": t} for n, t in points]}
+    return {
+        **fit_alpha_beta(points),
+        "points": [{"bytes": n, "seconds": t} for n, t in points],
+        "to_waiting": {
+            **fit_alpha_beta(waiting),
+            "idle_s": WAITING_IDLE_S,
+            "points": [{"bytes": n, "seconds": t} for n, t in waiting],
+        },
+    }
 
 
 def _ping_pong(p2p, rank: int, nbytes: int, dtype: torch.dtype) -> float:
@@ -1089,6 +1110,37 @@ def _ping_pong(p2p, rank: int, nbytes: int, dtype: torch.dtype) -> float:
         p2p.release(recv)
     p2p.flush()
     return statistics.median(times)
+
+
+def _to_waiting(p2p, rank: int, nbytes: int, dtype: torch.dtype, ping_pong: float) -> float:
+    """Median one-way seconds of a message to a rank that has waited WAITING_IDLE_S for it.
+
+    A pipeline message on the critical path mostly reaches a rank that has been waiting a
+    long time (every hop of the fill and the drain; each one of an M = 1 step): its polls have
+    backed off to sleeps and the MPI transfer's rendezvous waits for them (1.5 ms a hop in
+    traced dp2 pp2 M1 steps of 2 MiB, against 0.13 ms from the ping-pong). Rank 0 idles,
+    sends, and times until rank 1's reply is back; the reply reaches a rank that has just
+    sent, so it costs the ping-pong's one-way time (`ping_pong`), which is taken off.
+    """
+    numel = max(1, nbytes // _itemsize(dtype))
+    payload = torch.zeros(numel, dtype=dtype)
+    peer, tag = 1 - rank, 8
+    times = []
+    for round_index in range(PING_PONG_ROUNDS + 1):
+        recv = p2p.irecv((numel,), dtype, "cpu", peer, tag, "a profiling message to a waiting rank")
+        if rank == 0:
+            time.sleep(WAITING_IDLE_S)
+            start = time.perf_counter()
+            p2p.isend(payload, peer, tag)
+            p2p.wait(recv)
+            if round_index >= 1:
+                times.append(time.perf_counter() - start - ping_pong)
+        else:
+            p2p.wait(recv)
+            p2p.isend(payload, peer, tag)
+        p2p.release(recv)
+        p2p.flush()
+    return max(ping_pong, statistics.median(times)) if times else ping_pong
 
 
 def _itemsize(dtype: torch.dtype) -> int:
