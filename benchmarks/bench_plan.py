@@ -1,6 +1,7 @@
 """The planner against measured runs: predicted vs measured step time and memory, 4 ranks.
 
     python benchmarks/bench_plan.py [--ranks 4] [--rounds 3] [--steps 16] [--warmup 8] [--out DIR]
+        [--head-to-head 4] [--head-to-head-of DIR/bench_plan.json]
 
 1. Before every round, `mpiexec -n 4 hpcpipe plan --profile DIR/profile_rN.json` times this
    machine's layers of the benchmark GPT (F, B, W per micro-batch size and tp degree), its p2p
@@ -17,6 +18,11 @@
 3. `hpcpipe plan --device DIR/profile_r1.json,...` (the profiles merged by median) ranks every
    layout and predicts each measured one; its first choice is measured after the rounds if it
    was not among them.
+4. Head to head (--head-to-head N, default 4): unless the first choice was the fastest
+   measured, the two run side by side N more times in alternating order, and
+   `head_to_head.first_vs_fastest` is the ratio of their medians. The mix's fastest is the
+   least of some 17 noisy medians, biased low; paired runs in the same spells measure the gap.
+   `--head-to-head-of DIR/bench_plan.json` runs only this step on a written report.
 Prints the table (error per layout, Spearman rank correlation, the first choice against the
 fastest measured) and writes DIR/bench_plan.json.
 """
@@ -96,6 +102,39 @@ def measure(ranks: int, layout: Layout, steps: int, tmp: Path, warmup: int) -> d
             for r in records)}  # fmt: skip
 
 
+def head_to_head(ranks, first: Layout, fastest: Layout, rounds, steps, warmup) -> dict:
+    """The first choice and the fastest measured layout run side by side, `rounds` times,
+    in alternating order: a comparison of two layouts in the same spells of the VM.
+
+    The mix's fastest is the minimum of ~17 noisy medians, so it is biased low (the VM's
+    speed drifts by +-5-10 % between runs of one layout); paired runs measure the gap itself.
+    """
+    times = {first: [], fastest: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for lay in (first, fastest) if r % 2 == 0 else (fastest, first):
+                times[lay].append(measure(ranks, lay, steps, Path(tmp), warmup)["step_s"])
+                print(f"head to head {r + 1} {lay}: {times[lay][-1]:.3f} s", flush=True)
+    ratio = statistics.median(times[first]) / statistics.median(times[fastest]) - 1
+    return {"fastest": vars(fastest), "first_s": times[first], "fastest_s": times[fastest],
+            "first_vs_fastest": ratio}  # fmt: skip
+
+
+def head_to_head_of(report_path: Path, ranks, rounds, steps, warmup) -> None:
+    """Add the head-to-head of a written bench_plan.json's first choice and fastest."""
+    report = json.loads(report_path.read_text())
+    rows = report["rows"]
+    fastest = min(rows, key=lambda row: row["measured_s"])
+    if fastest is rows[0]:
+        print("the first choice is the fastest measured: nothing to compare")
+        return
+    first, other = Layout(**rows[0]["layout"]), Layout(**fastest["layout"])
+    report["head_to_head"] = head_to_head(ranks, first, other, rounds, steps, warmup)
+    report_path.write_text(json.dumps(report, indent=1))
+    print(f"head to head, {rounds} rounds: first choice "
+          f"{report['head_to_head']['first_vs_fastest'] * 100:+.1f}% vs {other}")  # fmt: skip
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     def ranks(xs):
         order = sorted(range(len(xs)), key=lambda i: xs[i])
@@ -120,9 +159,21 @@ def main() -> None:
     parser.add_argument("--profile", help="reuse this profile (A.json or A.json,B.json,...)")
     parser.add_argument("--first-choices", type=int, default=2,
                         help="the first profile's top layouts measured in every round")  # fmt: skip
+    parser.add_argument("--head-to-head", type=int, default=4, metavar="N",
+                        help="rounds of the first choice against the fastest measured, side "
+                        "by side, after the table (0: none)")  # fmt: skip
+    parser.add_argument(
+        "--head-to-head-of",
+        metavar="BENCH_PLAN_JSON",
+        help="only run the head to head of this written report (added to it)",
+    )
     args = parser.parse_args()
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup {args.warmup} must be >= 0 and below --steps {args.steps}")
+    if args.head_to_head_of:
+        rounds = args.head_to_head or 4
+        head_to_head_of(Path(args.head_to_head_of), args.ranks, rounds, args.steps, args.warmup)
+        return
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_plan_"))
     out.mkdir(parents=True, exist_ok=True)
     config = cfg.build_config({}, cfg.parse_overrides({k: str(v) for k, v in MODEL.items()}))
@@ -175,6 +226,7 @@ def main() -> None:
               "profiles": profiles, "machine": machine.profile.machine,
               "steps": args.steps, "warmup": args.warmup}  # fmt: skip
     (out / "bench_plan.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'bench_plan.json'}")
     print(f"{'layout':<58} {'pred':>8} {'meas':>8} {'err':>6} {'pred mem':>9} {'meas mem':>9} "
           f"{'err':>6}")  # fmt: skip
     for r in rows:
@@ -192,7 +244,9 @@ def main() -> None:
         f"Spearman {rho:.3f}; planner's first choice ({rows[0]['layout']}) measured "
         f"{report['first_choice_vs_fastest'] * 100:+.1f}% vs the fastest measured"
     )
-    print(f"wrote {out / 'bench_plan.json'}")
+    if args.head_to_head:
+        head_to_head_of(out / "bench_plan.json", args.ranks, args.head_to_head, args.steps,
+                        args.warmup)  # fmt: skip
 
 
 if __name__ == "__main__":
