@@ -12,7 +12,7 @@ import pytest
 # map each block above the mmap threshold, which only rises to a block's size once it has been
 # freed, so every round faults all its pages in again (every round of 6 of 6 runs measured). Kept:
 # the heap reuses what the last round freed and grows by the 192 KiB of growth (0-128 faults).
-# How many rounds the kept heap takes to settle varies with the machine (3 here in 30 of 30
+# How many rounds the kept heap takes to settle varies with the machine (at most 4 here, 30 of 30
 # runs; one CI run still faulted 864 pages in round 4), so the test reads the quietest of the
 # last four rounds: the defaults fault every round, kept memory settles in one of them.
 LOOP = """
